@@ -1,0 +1,46 @@
+# One entry point: `make test` and `make demo` set up .venv from nothing and run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-quick lint format demo lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, alone and pinned, so no resolver can ever pick another build.
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch torchvision
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Everything, slow end-to-end tests included (this is what CI runs).
+test: lint
+	$(PY) -m pytest -q -ra
+
+# The quick tier: skips the tests marked slow.
+test-quick: lint
+	$(PY) -m pytest -q -ra -m "not slow"
+
+# The project's main job, locally on a small real dataset.
+demo: $(STAMP)
+	$(PY) -m pirl.demo
+
+lock:
+	rm -rf /tmp/pirl-lock-venv && python3 -m venv /tmp/pirl-lock-venv
+	/tmp/pirl-lock-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	/tmp/pirl-lock-venv/bin/pip install -q -e ".[dev]"
+	{ head -2 $(CONSTRAINTS); /tmp/pirl-lock-venv/bin/pip freeze --exclude-editable | grep -v -iE '^(pip|setuptools|wheel)=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs local_outputs

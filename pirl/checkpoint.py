@@ -1,0 +1,115 @@
+"""Checkpoints through fsspec: written whole, published by a sidecar written last, verified on load.
+
+Layout under CHECKPOINT.DIR:
+    checkpoints/checkpoint-0000001234.pt     torch.save of a dict of tensors and plain values
+    checkpoints/checkpoint-0000001234.json   {size, sha256, epoch, step_in_epoch, global_step}
+A checkpoint exists only once its .json is there (object stores have no rename, so the small
+sidecar is the publish step). Loading takes the newest one whose bytes match its sidecar and
+that `torch.load(weights_only=True)` accepts; a corrupt or partial one is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+
+import torch
+
+from pirl import storage
+
+log = logging.getLogger("pirl")
+PREFIX = "checkpoint-"
+
+
+def _dir(root: str) -> str:
+    return storage.join(root, "checkpoints")
+
+
+def save(
+    root: str, state: dict, *, epoch: int, step_in_epoch: int, global_step: int, keep_last: int
+) -> str:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    name = f"{PREFIX}{global_step:010d}"
+    url = storage.join(_dir(root), name + ".pt")
+    storage.write_bytes(url, data)
+    meta = {
+        "file": name + ".pt",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "time": time.time(),
+    }
+    storage.write_bytes(
+        storage.join(_dir(root), name + ".json"), json.dumps(meta, indent=1).encode()
+    )
+    prune(root, keep_last)
+    return url
+
+
+def complete(root: str) -> list[dict]:
+    """Sidecars of the published checkpoints, oldest first."""
+    out = []
+    for name in storage.list_names(_dir(root)):
+        if name.startswith(PREFIX) and name.endswith(".json"):
+            try:
+                out.append(json.loads(storage.read_bytes(storage.join(_dir(root), name))))
+            except (ValueError, FileNotFoundError, storage.StorageError) as exc:
+                log.warning("ignoring unreadable checkpoint sidecar %s: %s", name, exc)
+    return sorted(out, key=lambda m: m["global_step"])
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints; delete older ones (sidecar first, so a half-deleted
+    one is never taken as complete) and data files left without a sidecar by a crash."""
+    metas = complete(root)
+    for meta in metas[:-keep_last]:
+        storage.remove(storage.join(_dir(root), meta["file"].replace(".pt", ".json")))
+        storage.remove(storage.join(_dir(root), meta["file"]))
+    if metas:
+        published = {m["file"] for m in metas}
+        newest = metas[-1]["file"]
+        for name in storage.list_names(_dir(root)):
+            if (
+                name.startswith(PREFIX)
+                and name.endswith(".pt")
+                and name not in published
+                and name < newest
+            ):
+                storage.remove(storage.join(_dir(root), name))
+
+
+def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict] | None:
+    """(state, sidecar) of the newest checkpoint that verifies, or None if there is none."""
+    for meta in reversed(complete(root)):
+        url = storage.join(_dir(root), meta["file"])
+        try:
+            data = storage.read_bytes(url)
+        except (FileNotFoundError, storage.StorageError) as exc:
+            log.warning(
+                "checkpoint %s is unreadable (%s); falling back to the previous one", url, exc
+            )
+            continue
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            log.warning(
+                "checkpoint %s does not match its checksum (corrupt or partial); falling back to the previous one",
+                url,
+            )
+            continue
+        try:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as exc:  # weights_only refuses anything but tensors and plain values
+            log.warning(
+                "checkpoint %s cannot be loaded safely (%s); falling back to the previous one",
+                url,
+                exc,
+            )
+            continue
+        return state, meta
+    return None

@@ -1,0 +1,238 @@
+"""Training data: a source of (PIL image, class label) by sample index, split over ranks.
+
+Sources (config DATA.TRAIN.DATA_SOURCES):
+- `disk_folder`: an ImageFolder tree on local disk (class sub-folders), VISSL's default;
+- `shards`: a dataset written by `pirl prep` (tar shards + manifest), on any fsspec URL;
+- `synthetic`: deterministic random images, for benchmarks and smoke tests.
+
+Every source yields each sample index 0..N-1 once per epoch across all ranks (the last ranks pad
+by wrapping, so every rank runs the same number of steps) in an order fixed by (seed, epoch), and
+the augmentation of a sample depends only on (seed, epoch, index): a run resumed mid-epoch sees
+exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pirl.errors import DataError
+from pirl.schema import DataSplit
+
+
+class SyntheticImages(Dataset):
+    """`n` random RGB images of side `size`, the same for a given index on every call."""
+
+    def __init__(self, n: int, size: int, num_classes: int = 10):
+        self.n, self.size, self.num_classes = n, size, num_classes
+        self.classes = [str(c) for c in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        g = torch.Generator().manual_seed(i)
+        arr = torch.randint(
+            0, 256, (self.size, self.size, 3), generator=g, dtype=torch.uint8
+        ).numpy()
+        return Image.fromarray(arr), i % self.num_classes
+
+
+class FolderImages(Dataset):
+    """A local ImageFolder tree (root/<class>/<image>), in torchvision's sorted order."""
+
+    def __init__(self, root: str):
+        from torchvision.datasets import ImageFolder
+
+        if root.startswith("file://"):
+            root = root[len("file://") :]
+        if "://" in root:
+            raise DataError(
+                f"DATA_SOURCES=[disk_folder] reads a local folder, got the URL {root!r}; "
+                "make a sharded dataset with `pirl prep` and use DATA_SOURCES=[shards] for object stores"
+            )
+        try:
+            self.folder = ImageFolder(root)
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"cannot read the image folder {root!r}: {exc}") from None
+        self.classes = self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.folder.samples[i]
+        with Image.open(path) as img:
+            return img.convert("RGB"), label
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+class AugmentedSamples(Dataset):
+    """(transform(image), sample index, label), with the augmentation seeded by (seed, epoch, index)."""
+
+    def __init__(self, images: Dataset, transform: Callable, seed: int, limit: int = -1):
+        self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+        self.n = len(images) if limit < 0 else min(limit, len(images))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        image, label = self.images[i]
+        s = sample_seed(self.seed, self.epoch, i)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            torch.manual_seed(s)
+            views = self.transform(image)
+        random.setstate(py_state)
+        return views, i, label
+
+
+def rank_indices(
+    n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[int]:
+    """This rank's sample indices for `epoch`: a (seed, epoch) permutation, padded by wrapping to a
+    multiple of `world`, dealt round-robin. Every rank gets ceil(n / world) indices."""
+    order = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        if shuffle
+        else list(range(n))
+    )
+    per_rank = math.ceil(n / world)
+    order += order[: per_rank * world - n]
+    return order[rank::world]
+
+
+@dataclass
+class TrainData:
+    """A training source split over ranks; `batches(epoch, start_step)` iterates collated batches."""
+
+    samples: AugmentedSamples
+    rank: int
+    world: int
+    batch_size: int
+    drop_last: bool
+    num_workers: int
+    collate: Callable
+    seed: int
+    pin_memory: bool = False
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(getattr(self.samples.images, "classes", []))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        per_rank = math.ceil(self.num_samples / self.world)
+        return (
+            per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        )
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Shuffled by (seed, epoch), padded: every rank yields `steps_per_epoch` batches."""
+        self.samples.epoch = epoch
+        indices = rank_indices(self.num_samples, self.rank, self.world, self.seed, epoch)
+        indices = indices[: self.steps_per_epoch * self.batch_size][start_step * self.batch_size :]
+        return self._loader(indices)
+
+    def eval_batches(self) -> Iterator[dict]:
+        """Every sample exactly once over all ranks (rank r takes r, r+world, ...), in index order,
+        no padding: rank counts differ by at most one."""
+        return self._loader(list(range(self.rank, self.num_samples, self.world)))
+
+    def _loader(self, indices: list[int]) -> Iterator[dict]:
+        if not indices:
+            return iter(())
+        loader = DataLoader(
+            self.samples,
+            batch_size=self.batch_size,
+            sampler=indices,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+            persistent_workers=False,
+            multiprocessing_context="fork" if self.num_workers > 0 else None,
+        )
+        return iter(loader)
+
+
+def open_images(split: DataSplit) -> Dataset:
+    """A map-style image source (disk_folder or synthetic); raises DataError when unusable."""
+    source = split.DATA_SOURCES[0]
+    if source == "synthetic":
+        return SyntheticImages(split.SYNTHETIC_NUM_SAMPLES, split.SYNTHETIC_IMAGE_SIZE)
+    path = _data_path(split)
+    images = FolderImages(path)
+    if len(images) == 0:
+        raise DataError(f"the image folder {path!r} has no images")
+    return images
+
+
+def _data_path(split: DataSplit) -> str:
+    if not split.DATA_PATHS:
+        raise DataError(
+            "DATA_PATHS is empty: give the dataset location, e.g. "
+            "config.DATA.TRAIN.DATA_PATHS=[/data/imagenet/train] (disk_folder) or [s3://bucket/imagenet] (shards)"
+        )
+    return split.DATA_PATHS[0]
+
+
+def open_train_data(
+    split: DataSplit,
+    transform: Callable,
+    collate: Callable,
+    *,
+    rank: int,
+    world: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool = False,
+):
+    """The training data for this rank: `.num_samples`, `.steps_per_epoch`, `.classes`,
+    `.batches(epoch, start_step)`; the same contract for every source."""
+    if split.DATA_SOURCES[0] == "shards":
+        from pirl.data.shards import ShardTrainData
+
+        return ShardTrainData(
+            _data_path(split),
+            split=split.SPLIT,
+            transform=transform,
+            collate=collate,
+            rank=rank,
+            world=world,
+            seed=seed,
+            batch_size=split.BATCHSIZE_PER_REPLICA,
+            drop_last=split.DROP_LAST,
+            num_workers=num_workers,
+            shuffle_buffer=split.SHUFFLE_BUFFER,
+            cache_dir=split.CACHE_DIR or None,
+            limit=split.DATA_LIMIT,
+            pin_memory=pin_memory,
+        )
+    samples = AugmentedSamples(open_images(split), transform, seed, split.DATA_LIMIT)
+    return TrainData(
+        samples,
+        rank,
+        world,
+        split.BATCHSIZE_PER_REPLICA,
+        split.DROP_LAST,
+        num_workers,
+        collate,
+        seed,
+        pin_memory,
+    )

@@ -1,0 +1,348 @@
+"""PIRL / NPID pretraining: `python -m pirl.train config=<preset> [+group=file] [config.KEY=VALUE] [--dry-run]`.
+
+The same command runs as one process, under `torchrun --nproc-per-node=N`, and in every pod of
+a Kubeflow PyTorchJob (started through torchrun, which reads the operator's PET_* variables).
+Every start auto-resumes from the newest complete checkpoint in CHECKPOINT.DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from pirl import checkpoint, config, dist, storage
+from pirl.data import open_train_data
+from pirl.errors import EXIT_TERMINATED, DivergedError, PirlError
+from pirl.loss import NCELossWithMemory
+from pirl.models import build_model, trunk_state_dict
+from pirl.optim import build_optimizer, set_lr
+from pirl.transforms import build_collator, build_transform
+
+log = logging.getLogger("pirl")
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop after the current step, write nothing, exit with a retryable code."""
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def read_metrics(root: str, upto_step: int) -> list[dict]:
+    url = storage.join(root, "metrics.jsonl")
+    try:
+        lines = storage.read_bytes(url).decode().splitlines()
+    except (FileNotFoundError, storage.StorageError):
+        return []
+    return [r for r in map(json.loads, filter(None, lines)) if r.get("global_step", 0) <= upto_step]
+
+
+def write_metrics(root: str, records: list[dict]) -> None:
+    storage.write_bytes(
+        storage.join(root, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in records).encode()
+    )
+
+
+def export_trunk(root: str, model: nn.Module) -> None:
+    """The trained trunk as a torchvision-style ResNet state dict: trunk.pt and trunk.safetensors."""
+    from safetensors.torch import save as save_safetensors
+
+    weights = {k: v.contiguous() for k, v in trunk_state_dict(model).items()}
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    storage.write_bytes(storage.join(root, "trunk.pt"), buf.getvalue())
+    storage.write_bytes(storage.join(root, "trunk.safetensors"), save_safetensors(weights))
+
+
+def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
+    root = cfg.CHECKPOINT.DIR
+    device = env.device
+    # ============ data ============
+    split = cfg.DATA.TRAIN
+    data = open_train_data(
+        split,
+        build_transform(split.TRANSFORMS),
+        build_collator(split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES),
+        rank=env.rank,
+        world=env.world_size,
+        seed=cfg.SEED_VALUE,
+        num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+        pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
+    )
+    derived = config.derive(cfg, env.world_size, data.num_samples)  # memory size = dataset length
+    steps_per_epoch = data.steps_per_epoch
+    num_epochs = cfg.OPTIMIZER.num_epochs
+    log.info(
+        "%d samples, %d rank(s) x batch %d = global batch %d, %d steps/epoch, LR %s",
+        data.num_samples,
+        env.world_size,
+        derived.batch_size_per_rank,
+        derived.global_batch_size,
+        steps_per_epoch,
+        derived.lr,
+    )
+    for note in derived.notes:
+        log.info("config: %s", note)
+
+    # ============ model, loss, optimizer ============
+    model = build_model(cfg).to(device)
+    if cfg.MODEL.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    if env.world_size > 1 and cfg.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    criterion = NCELossWithMemory(
+        cfg.LOSS.nce_loss_with_memory, data.num_samples, seed=cfg.SEED_VALUE, rank=env.rank
+    ).to(device)
+    optimizer = build_optimizer(
+        model,
+        cfg.OPTIMIZER,
+        lr=config.lr_at(derived.lr, 0, num_epochs),
+        fused=cfg.OPTIMIZER.use_fused and device.type == "cuda",
+    )
+    use_amp = cfg.MODEL.AMP_PARAMS.USE_AMP and device.type == "cuda"
+    if cfg.MODEL.AMP_PARAMS.USE_AMP and not use_amp:
+        log.warning("MODEL.AMP_PARAMS.USE_AMP is ignored on CPU (no fast half precision there)")
+    amp_dtype = torch.bfloat16 if cfg.MODEL.AMP_PARAMS.AMP_DTYPE == "bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    # ============ resume ============
+    start_epoch, start_step, global_step = 0, 0, 0
+    resumed = (
+        checkpoint.load_latest(root, map_location=device) if cfg.CHECKPOINT.AUTO_RESUME else None
+    )
+    if resumed is not None:
+        state, meta = resumed
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        criterion.generator.set_state(
+            state["negatives_rng"][env.rank % len(state["negatives_rng"])]
+        )
+        start_epoch, start_step, global_step = (
+            state["epoch"],
+            state["step_in_epoch"],
+            state["global_step"],
+        )
+        log.info(
+            "resumed from %s: epoch %d, step %d (global step %d)",
+            meta["file"],
+            start_epoch,
+            start_step,
+            global_step,
+        )
+    else:
+        criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
+    metrics = read_metrics(root, global_step) if env.is_main else []
+
+    ddp_model = model
+    if env.world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
+        )
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        # Every rank's negatives RNG state is gathered so each resumes its own stream.
+        rng = criterion.generator.get_state()
+        rngs = dist.all_gather_cat(rng[None].to(device)).cpu() if env.world_size > 1 else rng[None]
+        if env.is_main:
+            state = {
+                "model": model.state_dict(),
+                "loss": criterion.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "negatives_rng": list(rngs),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": global_step,
+                "config": config.dump_yaml(cfg),
+            }
+            url = checkpoint.save(
+                root,
+                state,
+                epoch=epoch,
+                step_in_epoch=step_in_epoch,
+                global_step=global_step,
+                keep_last=cfg.CHECKPOINT.KEEP_LAST,
+            )
+            write_metrics(root, metrics)
+            log.info("checkpoint %s", url)
+        dist.barrier()
+
+    terminate = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: terminate.update(flag=True))
+    max_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else None
+    iter_freq = cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY
+
+    # ============ training ============
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        criterion.train()
+        first = start_step if epoch == start_epoch else 0
+        loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
+        t_log, imgs_log = time.perf_counter(), 0
+        for step, batch in enumerate(data.batches(epoch, first), start=first):
+            lr = config.lr_at(derived.lr, epoch + step / steps_per_epoch, num_epochs)
+            set_lr(optimizer, lr)
+            index = batch["index"].to(device, non_blocking=True)
+            inputs = {k: batch[k].to(device, non_blocking=True) for k in model.input_keys}
+            if cfg.MODEL.CHANNELS_LAST:
+                inputs = {
+                    k: v.contiguous(memory_format=torch.channels_last) for k, v in inputs.items()
+                }
+            with torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext():
+                outputs = ddp_model(inputs)
+            loss = criterion(outputs, index)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+
+            loss_value = dist.all_reduce_mean(loss.detach().clone()).item()
+            if not math.isfinite(loss_value):
+                raise DivergedError(
+                    f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; lower the LR "
+                    "(config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value) or check the data"
+                )
+            loss_sum += loss_value
+            seen += 1
+            imgs_log += index.shape[0]
+            if (step + 1) % cfg.LOG_FREQUENCY == 0 or step + 1 == steps_per_epoch:
+                dt = time.perf_counter() - t_log
+                record = {
+                    "epoch": epoch,
+                    "step": step + 1,
+                    "global_step": global_step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "images_per_sec_per_rank": imgs_log / dt,
+                    "images_per_sec": imgs_log * env.world_size / dt,
+                }
+                metrics.append(record)
+                log.info(
+                    "epoch %d step %d/%d loss %.4f lr %.5f | %.1f img/s/rank, %.1f img/s",
+                    epoch,
+                    step + 1,
+                    steps_per_epoch,
+                    loss_value,
+                    lr,
+                    record["images_per_sec_per_rank"],
+                    record["images_per_sec"],
+                )
+                t_log, imgs_log = time.perf_counter(), 0
+            stop_now = max_steps is not None and global_step >= max_steps
+            if iter_freq > 0 and global_step % iter_freq == 0 and step + 1 < steps_per_epoch:
+                save(epoch, step + 1)
+            if terminate["flag"]:
+                raise Terminated()
+            if stop_now:
+                log.info("MAX_STEPS=%d reached", max_steps)
+                save(epoch, step + 1)
+                return {"global_step": global_step, "epoch": epoch}
+        if seen:
+            record = {
+                "epoch": epoch,
+                "global_step": global_step,
+                "epoch_loss": loss_sum / seen,
+                "epoch_seconds": time.perf_counter() - t_epoch,
+            }
+            metrics.append(record)
+            log.info(
+                "epoch %d done: mean loss %.4f in %.1fs",
+                epoch,
+                record["epoch_loss"],
+                record["epoch_seconds"],
+            )
+        if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or epoch + 1 == num_epochs:
+            save(epoch + 1, 0)
+
+    if env.is_main:
+        export_trunk(root, model)
+        storage.write_bytes(
+            storage.join(root, "train_config.yaml"), config.dump_yaml(cfg, derived).encode()
+        )
+        log.info("done: trunk exported to %s", storage.join(root, "trunk.safetensors"))
+    return {"global_step": global_step, "epoch": num_epochs}
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pirl train",
+        description="PIRL/NPID pretraining with VISSL's config names, e.g. "
+        "config=pretrain/pirl/pirl_jigsaw_4node_resnet50 config.OPTIMIZER.num_epochs=100",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides: config=<preset>, +config/<group>=<file>, config.KEY=VALUE",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the composed config and derived values as YAML, then exit",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="(dry run) check the config against this many processes",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, derived = config.load(args.overrides, world_size=args.world_size)
+        if args.dry_run:
+            sys.stdout.write(config.dump_yaml(cfg, derived))
+            return 0
+        env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
+        setup_logging(env.rank)
+        config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
+        if env.is_main:
+            storage.check_writable(cfg.CHECKPOINT.DIR)
+        seed_everything(cfg.SEED_VALUE, env.rank)
+        try:
+            train(cfg, derived, env)
+        finally:
+            dist.cleanup()
+        return 0
+    except PirlError as exc:
+        print(f"pirl train: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Terminated:
+        print(
+            "pirl train: SIGTERM received; stopped without writing (resume picks up the last checkpoint)",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

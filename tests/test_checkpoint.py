@@ -1,0 +1,92 @@
+"""Checkpoints: published by a sidecar written last, verified on load, never unpickled unsafely."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+
+import pytest
+import torch
+
+from pirl import checkpoint, storage
+
+
+def state(x: float) -> dict:
+    return {"w": torch.full((3,), x), "epoch": int(x), "name": "s"}
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_roundtrip_and_retention(tmp_path, kind):
+    root = str(tmp_path) if kind == "local" else f"memory://ckpt-test-{os.getpid()}"
+    for step in range(1, 6):
+        checkpoint.save(
+            root, state(step), epoch=step, step_in_epoch=0, global_step=step, keep_last=2
+        )
+    metas = checkpoint.complete(root)
+    assert [m["global_step"] for m in metas] == [4, 5]
+    names = storage.list_names(storage.join(root, "checkpoints"))
+    assert names == sorted(f"checkpoint-{s:010d}.{ext}" for s in (4, 5) for ext in ("json", "pt"))
+    loaded, meta = checkpoint.load_latest(root)
+    assert meta["global_step"] == 5 and torch.equal(loaded["w"], torch.full((3,), 5.0))
+
+
+def test_unpublished_checkpoint_is_ignored(tmp_path):
+    checkpoint.save(str(tmp_path), state(1), epoch=1, step_in_epoch=0, global_step=1, keep_last=3)
+    # a crash after the data object was written but before its sidecar was published
+    (tmp_path / "checkpoints" / "checkpoint-0000000002.pt").write_bytes(b"partial")
+    _, meta = checkpoint.load_latest(str(tmp_path))
+    assert meta["global_step"] == 1
+
+
+def test_corrupt_newest_falls_back_and_says_so(tmp_path, caplog):
+    root = str(tmp_path)
+    checkpoint.save(root, state(1), epoch=1, step_in_epoch=0, global_step=1, keep_last=3)
+    checkpoint.save(root, state(2), epoch=2, step_in_epoch=0, global_step=2, keep_last=3)
+    newest = tmp_path / "checkpoints" / "checkpoint-0000000002.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pirl"):
+        loaded, meta = checkpoint.load_latest(root)
+    assert meta["global_step"] == 1 and loaded["epoch"] == 1
+    assert "checkpoint-0000000002.pt does not match its checksum" in caplog.text
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/pirl-pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, caplog):
+    root = str(tmp_path)
+    checkpoint.save(root, state(1), epoch=1, step_in_epoch=0, global_step=1, keep_last=3)
+    # a planted checkpoint whose sidecar matches, but whose payload would run code when unpickled
+    import hashlib
+    import io
+    import json
+
+    buf = io.BytesIO()
+    torch.save({"evil": Boom()}, buf, pickle_module=pickle)
+    data = buf.getvalue()
+    (tmp_path / "checkpoints" / "checkpoint-0000000009.pt").write_bytes(data)
+    meta = {
+        "file": "checkpoint-0000000009.pt",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "epoch": 9,
+        "step_in_epoch": 0,
+        "global_step": 9,
+    }
+    (tmp_path / "checkpoints" / "checkpoint-0000000009.json").write_text(json.dumps(meta))
+    if os.path.exists("/tmp/pirl-pwned"):
+        os.remove("/tmp/pirl-pwned")
+    with caplog.at_level(logging.WARNING, logger="pirl"):
+        _, meta = checkpoint.load_latest(root)
+    assert meta["global_step"] == 1
+    assert not os.path.exists("/tmp/pirl-pwned")
+    assert "cannot be loaded safely" in caplog.text
+
+
+def test_no_checkpoint():
+    assert checkpoint.load_latest("memory://nothing-here") is None

@@ -1,0 +1,295 @@
+"""The config system: every seed command composes with the values it asks for; bad input is named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pirl import config
+from pirl.errors import ConfigError
+from pirl.train import main as train_main
+
+from .conftest import subprocess_env
+
+BASE = "config=pretrain/pirl/pirl_jigsaw_4node_resnet50"
+
+
+def dry_run(capsys, *overrides: str, world: int | None = None) -> dict:
+    args = [*overrides, "--dry-run"] + (["--world-size", str(world)] if world else [])
+    assert train_main(args) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def loss_of(out: dict) -> dict:
+    return out["config"]["LOSS"]["nce_loss_with_memory"]
+
+
+def test_main_seed_command(capsys):
+    out = dry_run(capsys, BASE)
+    cfg, d = out["config"], out["derived"]
+    assert d["world_size"] == 32 and d["global_batch_size"] == 1024
+    assert d["lr"]["start_value"] == pytest.approx(0.12) and d["lr"]["end_value"] == pytest.approx(
+        1.2e-4
+    )
+    assert cfg["OPTIMIZER"]["num_epochs"] == 800
+    loss = loss_of(out)
+    assert loss["loss_type"] == "nce" and loss["temperature"] == 0.07
+    assert loss["negative_sampling_params"] == {
+        "num_negatives": 32000,
+        "type": "random",
+        "exclude_positive": False,
+    }
+    assert loss["loss_weights"] == [0.5, 0.5] and loss["update_mem_with_emb_index"] == 1
+    assert loss["memory_params"]["update_mem_on_forward"] is False
+    assert (
+        cfg["OPTIMIZER"]["regularize_bias"] is False and cfg["OPTIMIZER"]["regularize_bn"] is False
+    )
+    assert cfg["DATA"]["TRAIN"]["INPUT_KEY_NAMES"] == ["patches", "images"]
+
+
+def test_seed_npid_loss_overrides(capsys):
+    out = dry_run(
+        capsys,
+        "config=pretrain/npid/npid_8gpu_resnet",
+        "config.LOSS.nce_loss_with_memory.temperature=0.05",
+        "config.LOSS.nce_loss_with_memory.memory_params.momentum=0.99",
+        "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=16000",
+    )
+    loss = loss_of(out)
+    assert loss["temperature"] == 0.05
+    assert loss["memory_params"]["momentum"] == 0.99
+    assert loss["negative_sampling_params"]["num_negatives"] == 16000
+    assert loss["memory_params"]["update_mem_on_forward"] is True and loss["loss_weights"] == [1.0]
+    assert out["derived"]["world_size"] == 8
+    assert out["derived"]["lr"]["values"] == pytest.approx([0.03, 0.003, 0.0003])
+
+
+def test_seed_resnet101(capsys):
+    out = dry_run(
+        capsys, BASE, "config.MODEL.TRUNK.NAME=resnet", "config.MODEL.TRUNK.RESNETS.DEPTH=101"
+    )
+    assert out["config"]["MODEL"]["TRUNK"]["RESNETS"]["DEPTH"] == 101
+    assert out["derived"]["trunk_output_dim"] == 2048
+
+
+def test_seed_w2_command_with_its_depth_mistake(capsys):
+    # The seed's "ResNet-50-w2" command sets DEPTH=101 and leaves 2048-d heads: heads follow the trunk.
+    out = dry_run(
+        capsys,
+        BASE,
+        "config.MODEL.TRUNK.NAME=resnet",
+        "config.MODEL.TRUNK.RESNETS.DEPTH=101",
+        "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=2",
+    )
+    heads = out["config"]["MODEL"]["HEAD"]["PARAMS"]
+    assert out["derived"]["trunk_output_dim"] == 4096
+    assert heads[0][0][1]["dims"] == [4096, 128] and heads[1][0][1]["dims"] == [4096, 128]
+    assert any("4096" in note for note in out["derived"]["notes"])
+
+
+def test_seed_gblur(capsys):
+    out = dry_run(capsys, BASE, "+config/pretrain/pirl/transforms=photo_gblur")
+    names = [t["name"] for t in out["config"]["DATA"]["TRAIN"]["TRANSFORMS"]]
+    assert names == [
+        "ImgPilToPatchesAndImage",
+        "RandomHorizontalFlip",
+        "ImgPilColorDistortion",
+        "ImgPilGaussianBlur",
+        "ToTensor",
+        "Normalize",
+    ]
+
+
+def test_seed_mlp_heads(capsys):
+    out = dry_run(capsys, BASE, "+config/pretrain/pirl/models=resnet50_mlphead")
+    loss = loss_of(out)
+    assert loss["loss_type"] == "cross_entropy" and loss["temperature"] == 0.1
+    patch, image = out["config"]["MODEL"]["HEAD"]["PARAMS"]
+    assert patch[0] == [
+        "mlp",
+        {"dims": [2048, 2048, 128], "use_relu": True, "skip_last_layer_relu_bn": False},
+    ]
+    assert image == [["mlp", {"dims": [2048, 2048, 128], "use_relu": True}]]
+    assert out["config"]["OPTIMIZER"]["num_epochs"] == 800
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_seed_wide_mlp_heads(capsys, width):
+    out = dry_run(capsys, BASE, f"+config/pretrain/pirl/models=resnet50_w{width}_mlphead")
+    d = 2048 * width
+    patch, image = out["config"]["MODEL"]["HEAD"]["PARAMS"]
+    assert patch[0][1]["dims"] == [d, d, 128] and patch[0][1]["use_relu"] is True
+    # What VISSL really trained: its YAML drops use_relu for the image head (spec §1.2).
+    assert image == [["mlp", {"dims": [d, d, 128]}]]
+    assert out["config"]["MODEL"]["AMP_PARAMS"]["USE_AMP"] is True
+    assert out["config"]["OPTIMIZER"]["num_epochs"] == 400
+    assert loss_of(out)["loss_type"] == "cross_entropy"
+
+
+def test_seed_w2_linear_keeps_nce(capsys):
+    out = dry_run(capsys, BASE, "+config/pretrain/pirl/models=resnet50_w2")
+    assert out["derived"]["trunk_output_dim"] == 4096
+    assert loss_of(out)["loss_type"] == "nce" and loss_of(out)["temperature"] == 0.07
+
+
+def test_seed_epochs(capsys):
+    assert (
+        dry_run(capsys, BASE, "config.OPTIMIZER.num_epochs=100")["config"]["OPTIMIZER"][
+            "num_epochs"
+        ]
+        == 100
+    )
+    out = dry_run(capsys, BASE, "+config/pretrain/pirl/epochs=epochs_200")
+    assert out["config"]["OPTIMIZER"]["num_epochs"] == 200
+
+
+@pytest.mark.parametrize(
+    "nodes,procs,start,end",
+    [(1, 1, 0.00375, 3.75e-6), (1, 8, 0.03, 3e-5), (4, 8, 0.12, 1.2e-4)],
+)
+def test_lr_table(capsys, nodes, procs, start, end):
+    out = dry_run(
+        capsys,
+        BASE,
+        f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
+        f"config.DISTRIBUTED.NUM_NODES={nodes}",
+        world=nodes * procs,
+    )
+    assert out["derived"]["global_batch_size"] == 32 * nodes * procs
+    assert out["derived"]["lr"]["start_value"] == pytest.approx(start)
+    assert out["derived"]["lr"]["end_value"] == pytest.approx(end)
+
+
+def test_combined_group_files_and_value_override_wins(capsys):
+    out = dry_run(
+        capsys,
+        BASE,
+        "+config/pretrain/pirl/models=resnet50_mlphead",
+        "+config/pretrain/pirl/transforms=photo_gblur",
+        "+config/pretrain/pirl/epochs=epochs_200",
+        "config.LOSS.nce_loss_with_memory.temperature=0.2",
+    )
+    assert loss_of(out)["temperature"] == 0.2
+    assert out["config"]["OPTIMIZER"]["num_epochs"] == 200
+    assert loss_of(out)["loss_type"] == "cross_entropy"
+
+
+def test_demo_presets_compose(capsys):
+    out = dry_run(capsys, "config=pretrain/pirl/pirl_demo_resnet18")
+    assert out["derived"]["world_size"] == 1 and out["derived"]["trunk_output_dim"] == 512
+    out = dry_run(capsys, "config=pretrain/npid/npid_demo_resnet18")
+    assert out["config"]["MODEL"]["HEAD"]["PARAMS"] == [[["mlp", {"dims": [512, 128]}]]]
+
+
+def test_sqrt_and_multistep_scaling():
+    cfg = config.build(config.compose(["config=pretrain/npid/npid_8gpu_resnet"]))
+    sched = cfg.OPTIMIZER.param_schedulers.lr
+    sched.auto_lr_scaling.scaling_type = "sqrt"
+    factor, lr = config.scaled_lr_schedule(sched, 1024)
+    assert factor == pytest.approx(2.0)
+    assert lr["values"] == pytest.approx([0.06, 0.006, 0.0006])
+    assert config.lr_at(lr, 119.9, 200) == pytest.approx(0.06)
+    assert config.lr_at(lr, 120, 200) == pytest.approx(0.006)
+    assert config.lr_at(lr, 199, 200) == pytest.approx(0.0006)
+    sched.name, sched.value = "constant", 0.5
+    assert config.scaled_lr_schedule(sched, 512)[1]["value"] == pytest.approx(0.03 * 2**0.5)
+
+
+def test_cosine_is_constant_within_an_epoch():
+    lr = {"name": "cosine", "update_interval": "epoch", "start_value": 0.12, "end_value": 0.00012}
+    assert config.lr_at(lr, 0.9, 800) == pytest.approx(0.12)
+    assert config.lr_at(lr, 400, 800) == pytest.approx(0.00012 + 0.5 * (0.12 - 0.00012))
+    step = dict(lr, update_interval="step")
+    assert config.lr_at(step, 0.5, 1) == pytest.approx(0.00012 + 0.5 * (0.12 - 0.00012))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "config.LOSS.nce_loss_with_memory.temprature=0.05",
+            "did you mean 'config.LOSS.nce_loss_with_memory.temperature'",
+        ),
+        ("config.OPTIMIZER.num_epoch=5", "did you mean 'config.OPTIMIZER.num_epochs'"),
+        ("config.LOSS.nce_loss_with_memory.temperature=0", "temperature must be > 0"),
+        ("config.LOSS.nce_loss_with_memory.temperature=abc", "temperature must be a number"),
+        ("config.OPTIMIZER.num_epochs=1.5", "num_epochs must be an integer"),
+        ("config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=5", "WIDTH_MULTIPLIER=5 is not supported"),
+        ("config.MODEL.TRUNK.RESNETS.DEPTH=42", "DEPTH=42 is not supported"),
+        (
+            "config.LOSS.nce_loss_with_memory.loss_weights=[1.0]",
+            "loss_weights has 1 entries but the model has 2",
+        ),
+        (
+            "config.LOSS.nce_loss_with_memory.memory_params.embedding_dim=64",
+            "outputs 128-d embeddings",
+        ),
+        (
+            "config.LOSS.nce_loss_with_memory.loss_type=infonce",
+            "loss_type='infonce' is not supported",
+        ),
+        (
+            "config.MODEL.HEAD.PARAMS=[[[mlp,{dims:[2048,128]},{use_relu:true}]]]",
+            "must be exactly [name, {kwargs}]",
+        ),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        config.load([BASE, override])
+
+
+def test_missing_or_unknown_preset():
+    with pytest.raises(ConfigError, match="no preset chosen"):
+        config.load([])
+    with pytest.raises(ConfigError, match="pretrain/pirl/pirl_jigsaw_4node_resnet50"):
+        config.load(["config=pretrain/pirl/pirl_jigsaw"])
+
+
+def test_num_negatives_must_be_below_dataset_size():
+    cfg = config.build(config.compose(["config=pretrain/pirl/pirl_demo_resnet18"]))
+    with pytest.raises(ConfigError, match="num_negatives=1024 must be smaller than the dataset"):
+        config.derive(cfg, 1, num_train_samples=1000)
+    config.derive(cfg, 1, num_train_samples=5000)
+    assert cfg.LOSS.nce_loss_with_memory.memory_params.memory_size == 5000
+
+
+def test_world_size_mismatch_is_an_error():
+    with pytest.raises(ConfigError, match="the job runs 2 process"):
+        config.load([BASE], world_size=2)
+
+
+def test_cli_exit_codes(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "pirl", "train", BASE, "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["derived"]["world_size"] == 32
+    bad = subprocess.run(
+        [sys.executable, "-m", "pirl.train", BASE, "config.OPTIMIZER.num_epoch=5", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert bad.returncode == 2
+    assert "did you mean 'config.OPTIMIZER.num_epochs'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_missing_dataset_path_is_a_data_error(tmp_path, capsys):
+    rc = train_main(
+        [
+            "config=pretrain/pirl/pirl_demo_resnet18",
+            "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
+            f"config.DATA.TRAIN.DATA_PATHS=[{tmp_path}/nope]",
+            f"config.CHECKPOINT.DIR={tmp_path}/out",
+        ]
+    )
+    assert rc == 3
+    assert f"{tmp_path}/nope" in capsys.readouterr().err
