@@ -8,6 +8,7 @@ Every start auto-resumes from the newest complete checkpoint in CHECKPOINT.DIR.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ from torch import nn
 
 from pirl import checkpoint, config, dist, storage
 from pirl.data import open_train_data
-from pirl.errors import EXIT_TERMINATED, DivergedError, PirlError
+from pirl.errors import EXIT_RETRYABLE, EXIT_TERMINATED, DivergedError, PirlError
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model, trunk_state_dict
 from pirl.optim import build_optimizer, set_lr
@@ -134,7 +135,7 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         criterion.generator.set_state(
-            state["negatives_rng"][env.rank % len(state["negatives_rng"])]
+            state["negatives_rng"][env.rank % len(state["negatives_rng"])].cpu().clone()
         )
         start_epoch, start_step, global_step = (
             state["epoch"],
@@ -160,8 +161,36 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
             broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
         )
 
+    def replica_digests() -> dict:
+        """sha256 of every rank's memory bank and model parameters: replicas must be bit-identical.
+        (BN running statistics are per rank between steps; DDP broadcasts rank 0's each forward.)"""
+        out = {}
+        for name, tensors in (
+            ("memory", [criterion.memory.memory]),
+            ("model", list(model.parameters())),
+        ):
+            h = hashlib.sha256()
+            for t in tensors:
+                h.update(
+                    t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                )
+            digest = torch.tensor(list(h.digest()[:8]), dtype=torch.uint8, device=device)
+            out[name] = [bytes(d.tolist()).hex() for d in dist.all_gather_cat(digest[None]).cpu()]
+        return out
+
     def save(epoch: int, step_in_epoch: int) -> None:
         # Every rank's negatives RNG state is gathered so each resumes its own stream.
+        digests = replica_digests()
+        if any(len(set(v)) > 1 for v in digests.values()):
+            log.error("replicas differ across ranks: %s", digests)
+        metrics.append(
+            {
+                "epoch": epoch,
+                "step": step_in_epoch,
+                "global_step": global_step,
+                "replica_digests": digests,
+            }
+        )
         rng = criterion.generator.get_state()
         rngs = dist.all_gather_cat(rng[None].to(device)).cpu() if env.world_size > 1 else rng[None]
         if env.is_main:
@@ -170,7 +199,7 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
                 "loss": criterion.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
-                "negatives_rng": list(rngs),
+                "negatives_rng": [r.clone() for r in rngs],  # own storage each: set_state needs it
                 "epoch": epoch,
                 "step_in_epoch": step_in_epoch,
                 "global_step": global_step,
@@ -285,6 +314,16 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
     return {"global_step": global_step, "epoch": num_epochs}
 
 
+PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because another rank died or stalled (retryable), not a bug here."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    return any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)
+
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     torch.manual_seed(seed + rank)
@@ -330,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(cfg.SEED_VALUE, env.rank)
         try:
             train(cfg, derived, env)
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            if env.world_size == 1 or not is_peer_failure(exc):
+                raise
+            # A peer died or a collective timed out: retryable, the restarted job resumes.
+            print(f"pirl train: lost a peer or timed out in a collective: {exc}", file=sys.stderr)
+            return EXIT_RETRYABLE
         finally:
             dist.cleanup()
         return 0

@@ -98,18 +98,24 @@ class AugmentedSamples(Dataset):
         return views, i, label
 
 
-def rank_indices(
-    n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True
-) -> list[int]:
-    """This rank's sample indices for `epoch`: a (seed, epoch) permutation, padded by wrapping to a
-    multiple of `world`, dealt round-robin. Every rank gets ceil(n / world) indices."""
-    order = (
-        torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        if shuffle
-        else list(range(n))
-    )
+def samples_per_rank(n: int, world: int, batch_size: int) -> int:
+    """ceil(n / world), plus one when that would leave a last batch of a single sample (BatchNorm
+    cannot train on one sample). Every rank runs the same number of steps."""
     per_rank = math.ceil(n / world)
-    order += order[: per_rank * world - n]
+    if per_rank > 1 and per_rank % batch_size == 1:
+        per_rank += 1
+    return per_rank
+
+
+def rank_indices(
+    n: int, rank: int, world: int, seed: int, epoch: int, batch_size: int = 0
+) -> list[int]:
+    """This rank's sample indices for `epoch`: a (seed, epoch) permutation, padded by wrapping to
+    `samples_per_rank` x `world`, dealt round-robin (rank r takes r, r + world, ...)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = samples_per_rank(n, world, batch_size) if batch_size else math.ceil(n / world)
+    while len(order) < per_rank * world:
+        order += order[: per_rank * world - len(order)]
     return order[rank::world]
 
 
@@ -137,7 +143,7 @@ class TrainData:
 
     @property
     def steps_per_epoch(self) -> int:
-        per_rank = math.ceil(self.num_samples / self.world)
+        per_rank = samples_per_rank(self.num_samples, self.world, self.batch_size)
         return (
             per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
         )
@@ -145,7 +151,9 @@ class TrainData:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         """Shuffled by (seed, epoch), padded: every rank yields `steps_per_epoch` batches."""
         self.samples.epoch = epoch
-        indices = rank_indices(self.num_samples, self.rank, self.world, self.seed, epoch)
+        indices = rank_indices(
+            self.num_samples, self.rank, self.world, self.seed, epoch, self.batch_size
+        )
         indices = indices[: self.steps_per_epoch * self.batch_size][start_step * self.batch_size :]
         return self._loader(indices)
 
