@@ -21,6 +21,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pirl import checkpoint, config, dist, storage
 from pirl.data import open_train_data
@@ -229,7 +230,16 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
         first = start_step if epoch == start_epoch else 0
         loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
         t_log, imgs_log = time.perf_counter(), 0
+        # A progress bar on an interactive terminal (rank 0); pod logs get the periodic lines only.
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=first,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not (env.is_main and sys.stderr.isatty()),
+        )
         for step, batch in enumerate(data.batches(epoch, first), start=first):
+            bar.update(1)
             lr = config.lr_at(derived.lr, epoch + step / steps_per_epoch, num_epochs)
             set_lr(optimizer, lr)
             index = batch["index"].to(device, non_blocking=True)
@@ -288,6 +298,7 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
                 log.info("MAX_STEPS=%d reached", max_steps)
                 save(epoch, step + 1)
                 return {"global_step": global_step, "epoch": epoch}
+        bar.close()
         if seen:
             record = {
                 "epoch": epoch,

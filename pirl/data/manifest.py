@@ -1,0 +1,130 @@
+"""The sharded dataset format written by `pirl prep` and read by the streaming loader.
+
+Layout under the dataset root (any fsspec URL):
+
+    manifest.json                 written LAST: the dataset exists once this object does
+    report.json                   what prep skipped or converted, and why
+    train/shard-000000.tar ...    tar shards, WebDataset-compatible member names
+    val/shard-000000.tar ...      (only when the source had, or prep made, a val split)
+    _prep/<split>/shard-*.json    prep's resume state, one per shard (not needed for reading)
+
+A shard holds the samples first_index .. first_index+num_samples-1 of its split, in index order;
+each sample is four members sharing the key `<index:09d>`:
+    <key>.jpg   the image, RGB JPEG
+    <key>.cls   the class index, decimal text
+    <key>.idx   the sample index within the split (the memory-bank row), decimal text
+    <key>.src   the image's path relative to the prep source, UTF-8 text
+
+manifest.json ("format": "pirl-shards/1"):
+    {"format", "source", "params": {prep parameters},
+     "splits": {"train": {"num_samples", "classes": [...],
+                          "shards": [{"name", "num_samples", "size", "sha256", "first_index"}]}}}
+Shard names are relative to the root. Indices run 0..num_samples-1 per split without gaps, in
+sorted (class, file) order, so a manifest alone gives the dataset length with no scan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from pirl import storage
+from pirl.errors import DataError, StorageError
+
+FORMAT = "pirl-shards/1"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # relative to the dataset root, e.g. "train/shard-000000.tar"
+    num_samples: int
+    size: int  # bytes
+    sha256: str
+    first_index: int
+
+
+@dataclass
+class Split:
+    num_samples: int
+    classes: list[str]
+    shards: list[Shard] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    source: str
+    params: dict
+    splits: dict[str, Split]
+    format: str = FORMAT
+
+    def to_json(self) -> bytes:
+        """Deterministic bytes (no timestamps), so an unchanged dataset rewrites nothing."""
+        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+
+
+def dataset_root(url: str) -> str:
+    """The dataset root for `url`, which may be the root itself or its manifest.json."""
+    url = url.rstrip("/")
+    return url[: -len(MANIFEST) - 1] if url.endswith("/" + MANIFEST) else url
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """Parse and check manifest bytes; DataError when malformed or self-inconsistent."""
+    try:
+        raw = json.loads(data)
+        if raw.get("format") != FORMAT:
+            raise DataError(
+                f"{where}: format {raw.get('format')!r} is not {FORMAT!r} (not made by `pirl prep`?)"
+            )
+        splits = {
+            name: Split(
+                num_samples=int(s["num_samples"]),
+                classes=list(s["classes"]),
+                shards=[Shard(**sh) for sh in s["shards"]],
+            )
+            for name, s in raw["splits"].items()
+        }
+        manifest = Manifest(source=raw["source"], params=raw["params"], splits=splits)
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    for name, split in manifest.splits.items():
+        check_split(split, f"{where} split {name!r}")
+    return manifest
+
+
+def check_split(split: Split, where: str) -> None:
+    """Shards must tile 0..num_samples-1 in order; anything else means the manifest is wrong."""
+    expected = 0
+    for shard in split.shards:
+        if shard.first_index != expected or shard.num_samples <= 0:
+            raise DataError(
+                f"{where}: shard {shard.name} starts at index {shard.first_index} with "
+                f"{shard.num_samples} samples, expected a non-empty shard starting at {expected}"
+            )
+        expected += shard.num_samples
+    if expected != split.num_samples:
+        raise DataError(
+            f"{where}: the shards hold {expected} samples but the manifest says {split.num_samples}"
+        )
+
+
+def load(url: str) -> tuple[str, Manifest]:
+    """(dataset root, manifest) for a dataset root or manifest URL; DataError when absent."""
+    root = dataset_root(url)
+    murl = storage.join(root, MANIFEST)
+    try:
+        data = storage.read_bytes(murl)
+    except FileNotFoundError:
+        raise DataError(
+            f"no {MANIFEST} at {root!r}: not a dataset made by `pirl prep`, or its prep has not "
+            "finished (the manifest is written last)"
+        ) from None
+    except StorageError as exc:
+        raise DataError(f"cannot read {murl}: {exc}") from None
+    except Exception as exc:  # backends raise their own types for missing buckets / credentials
+        raise DataError(f"cannot read {murl}: {type(exc).__name__}: {exc}") from None
+    return root, parse(data, murl)

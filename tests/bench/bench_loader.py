@@ -1,0 +1,137 @@
+"""Loader throughput, not a test: images/s of the training data paths on this machine.
+
+    python tests/bench/bench_loader.py [--image-size 64] [--workers 2] [--batches 40]
+
+Compares, on the bundled demo images (scikit-learn digits upscaled to --image-size px):
+- `disk_folder`: the ImageFolder read directly (pirl.data.TrainData),
+- `shards (local)`: `pirl prep` shards on local disk (pirl.data.shards.ShardTrainData),
+- `shards (S3)`: the same shards on a local S3 server (moto, started here on 127.0.0.1),
+- `shards (S3 + cache)`: the same, second pass, served from a local cache folder,
+each with the PIRL demo transforms (pirl_demo_resnet18.yaml: 10 views per image, patch collator)
+and without (decode + ToTensor only). All go through pirl.data.open_train_data, as the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from torchvision import transforms as T
+
+from pirl import prep
+from pirl.data import open_train_data
+from pirl.data.demo import write_digits_folder
+from pirl.schema import DataSplit
+from pirl.transforms import build_collator, build_transform, collate_single_view
+
+REPO = Path(__file__).resolve().parents[2]
+PRESET = REPO / "pirl/configs/config/pretrain/pirl/pirl_demo_resnet18.yaml"
+
+
+def pirl_transform():
+    train = yaml.safe_load(PRESET.read_text())["config"]["DATA"]["TRAIN"]
+    return build_transform(train["TRANSFORMS"]), build_collator(
+        train["COLLATE_FUNCTION"], train["INPUT_KEY_NAMES"]
+    )
+
+
+def plain_transform():
+    return T.Compose([T.ToTensor()]), collate_single_view("data")
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("moto server did not start") from None
+            time.sleep(0.2)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    return proc, endpoint
+
+
+def measure(split: DataSplit, transform, collate, *, workers: int, batches: int) -> float:
+    data = open_train_data(split, transform, collate, rank=0, world=1, seed=0, num_workers=workers)
+    n, start = 0, time.perf_counter()
+    for i, batch in enumerate(data.batches(0)):
+        n += len(batch["index"])
+        if i + 1 == batches:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=40, help="batches of 32 per measurement")
+    p.add_argument("--shard-size", type=int, default=128)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="pirl-bench-loader-"))
+    s3, _ = start_s3()
+    try:
+        write_digits_folder(str(tmp / "folder"), size=args.image_size)
+        shards = str(tmp / "shards")
+        opts = prep.Options(shard_size=args.shard_size, workers=args.workers)
+        prep.prep(str(tmp / "folder"), shards, opts)
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        fs.put(shards + "/", "bench/shards", recursive=True)
+        cache = str(tmp / "cache")
+        sources = {
+            "disk_folder": DataSplit(
+                DATA_SOURCES=["disk_folder"], DATA_PATHS=[str(tmp / "folder/train")]
+            ),
+            "shards (local)": DataSplit(DATA_SOURCES=["shards"], DATA_PATHS=[shards]),
+            "shards (S3)": DataSplit(DATA_SOURCES=["shards"], DATA_PATHS=["s3://bench/shards"]),
+            "shards (S3 + cache)": DataSplit(
+                DATA_SOURCES=["shards"], DATA_PATHS=["s3://bench/shards"], CACHE_DIR=cache
+            ),
+        }
+        print(
+            f"{args.image_size}px digits, batch 32, {args.workers} worker(s), "
+            f"{args.batches} batches per figure, {os.cpu_count()} CPU(s)"
+        )
+        print(f"{'source':<22}{'transforms off':>16}{'PIRL transforms':>17}   (images/s)")
+        for name, split in sources.items():
+            split.BATCHSIZE_PER_REPLICA = 32
+            if name.endswith("cache)"):  # fill the cache first: the figure is a warm epoch
+                measure(split, *plain_transform(), workers=args.workers, batches=10**9)
+            off = measure(split, *plain_transform(), workers=args.workers, batches=args.batches)
+            on = measure(split, *pirl_transform(), workers=args.workers, batches=args.batches)
+            print(f"{name:<22}{off:>16.0f}{on:>17.0f}")
+    finally:
+        s3.terminate()
+        s3.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
