@@ -172,9 +172,3 @@ def build_model(cfg: Config) -> SSLModel:
             torch.manual_seed(cfg.SEED_VALUE + i + 1)
             heads.append(build_head(spec))
     return SSLModel(trunk, heads, output_names(cfg))
-
-
-def trunk_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trunk's weights as a torchvision-style ResNet state dict (no `fc`), on CPU."""
-    trunk = model.trunk if hasattr(model, "trunk") else model
-    return {k: v.detach().cpu().clone() for k, v in trunk.state_dict().items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import math
@@ -25,11 +24,12 @@ from tqdm import tqdm
 
 from pirl import checkpoint, config, dist, storage
 from pirl.data import open_train_data
-from pirl.errors import EXIT_RETRYABLE, EXIT_TERMINATED, DivergedError, PirlError
+from pirl.errors import EXIT_RETRYABLE, EXIT_TERMINATED, DivergedError, PirlError, StorageError
 from pirl.loss import NCELossWithMemory
-from pirl.models import build_model, trunk_state_dict
+from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
 from pirl.transforms import build_collator, build_transform
+from pirl.weights import export_torchvision
 
 log = logging.getLogger("pirl")
 
@@ -62,18 +62,15 @@ def write_metrics(root: str, records: list[dict]) -> None:
     )
 
 
-def export_trunk(root: str, model: nn.Module) -> None:
-    """The trained trunk as a torchvision-style ResNet state dict: trunk.pt and trunk.safetensors."""
-    from safetensors.torch import save as save_safetensors
-
-    weights = {k: v.contiguous() for k, v in trunk_state_dict(model).items()}
-    buf = io.BytesIO()
-    torch.save(weights, buf)
-    storage.write_bytes(storage.join(root, "trunk.pt"), buf.getvalue())
-    storage.write_bytes(storage.join(root, "trunk.safetensors"), save_safetensors(weights))
-
-
 def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return _train(cfg, derived, env)
+    finally:  # callers in the same process (tests, notebooks) get their own handler back
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
     root = cfg.CHECKPOINT.DIR
     device = env.device
     # ============ data ============
@@ -151,8 +148,17 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
             global_step,
         )
     else:
+        if cfg.CHECKPOINT.AUTO_RESUME and checkpoint.complete(root):
+            # Starting over would also let KEEP_LAST delete the new run's checkpoints in favour
+            # of the unusable, higher-numbered ones.
+            raise StorageError(
+                f"{storage.join(root, 'checkpoints')} holds checkpoints but none verifies "
+                "(corrupt, partial or unsafe: see the warnings above); restore a good copy, or "
+                "move them away to start from scratch"
+            )
         criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
     metrics = read_metrics(root, global_step) if env.is_main else []
+    unverified = {"check": resumed is not None}  # newer checkpoints than the one resumed from
 
     ddp_model = model
     if env.world_size > 1:
@@ -195,6 +201,10 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
         rng = criterion.generator.get_state()
         rngs = dist.all_gather_cat(rng[None].to(device)).cpu() if env.world_size > 1 else rng[None]
         if env.is_main:
+            if unverified["check"]:
+                unverified["check"] = False
+                for name in checkpoint.unpublish_newer(root, global_step):
+                    log.warning("unpublished %s: newer than the resumed one, not verifiable", name)
             state = {
                 "model": model.state_dict(),
                 "loss": criterion.state_dict(),
@@ -257,7 +267,14 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
             scaler.update()
             global_step += 1
 
-            loss_value = dist.all_reduce_mean(loss.detach().clone()).item()
+            # One all-reduce carries the loss and the SIGTERM flag, so that every rank stops
+            # after the same step (and all exit 143) wherever the signal arrived.
+            stats = torch.stack(
+                [loss.detach().reshape(()), loss.new_tensor(1.0 if terminate["flag"] else 0.0)]
+            )
+            dist.all_reduce_sum(stats)
+            loss_value = (stats[0] / env.world_size).item()
+            stop_requested = bool(stats[1].item() > 0)
             if not math.isfinite(loss_value):
                 raise DivergedError(
                     f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; lower the LR "
@@ -289,11 +306,11 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
                     record["images_per_sec"],
                 )
                 t_log, imgs_log = time.perf_counter(), 0
+            if stop_requested:  # before any save: a SIGTERM'd job writes nothing more
+                raise Terminated()
             stop_now = max_steps is not None and global_step >= max_steps
             if iter_freq > 0 and global_step % iter_freq == 0 and step + 1 < steps_per_epoch:
                 save(epoch, step + 1)
-            if terminate["flag"]:
-                raise Terminated()
             if stop_now:
                 log.info("MAX_STEPS=%d reached", max_steps)
                 save(epoch, step + 1)
@@ -317,7 +334,7 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
             save(epoch + 1, 0)
 
     if env.is_main:
-        export_trunk(root, model)
+        export_torchvision(model.state_dict(), root)  # trunk.safetensors + trunk.pt
         storage.write_bytes(
             storage.join(root, "train_config.yaml"), config.dump_yaml(cfg, derived).encode()
         )
@@ -362,7 +379,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="(dry run) check the config against this many processes",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

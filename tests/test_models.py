@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from pirl import config
-from pirl.models import ResNetTrunk, build_head, build_model, mlp, trunk_state_dict
+from pirl.models import ResNetTrunk, build_head, build_model, mlp
 
 PRESETS = [
     ["config=pretrain/pirl/pirl_jigsaw_4node_resnet50"],
@@ -88,7 +88,7 @@ def test_trunk_weights_load_into_torchvision(depth, ctor):
     trunk = ResNetTrunk(depth)
     tv = ctor()
     tv.fc = nn.Identity()
-    tv.load_state_dict(trunk_state_dict(trunk), strict=True)
+    tv.load_state_dict(trunk.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 64)
     trunk.eval()
     tv.eval()
