@@ -1,0 +1,150 @@
+"""The pipeline's three KFP v2 lightweight components: prep, train, benchmark.
+
+Each body imports inside itself (KFP ships only the function's source to the pod) and calls one
+function of `pipeline.steps`. They run on the project's image (images/Dockerfile), which already
+holds `pirl`, `pipeline` and the pinned kfp: `install_kfp_package=False`, so pods need no PyPI.
+
+IMAGE is the one place that names the image. Override it when compiling, e.g.
+`python -m pipeline.compile --image ghcr.io/acme/pirl:0.1.0` (or PIRL_IMAGE=... in the
+environment), which also becomes the default of the `train_image` run parameter.
+"""
+
+import os
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+DEFAULT_IMAGE = (
+    "registry.example.com/ml/pirl:0.1.0"  # images/build.sh's default REGISTRY/pirl:VERSION
+)
+IMAGE = os.environ.get("PIRL_IMAGE", DEFAULT_IMAGE)
+
+
+def prep(
+    source: str,
+    dest: str,
+    shard_size: int,
+    resize: int,
+    workers: int,
+    val_fraction: float,
+    reuse_existing: bool,
+    dataset: Output[Dataset],
+):
+    """Shard an image folder (`pirl prep SOURCE DEST`); the Dataset carries the URL and manifest."""
+    from pipeline import steps
+
+    steps.prep(
+        source,
+        dest,
+        dataset,
+        shard_size=shard_size,
+        resize=resize,
+        workers=workers,
+        val_fraction=val_fraction,
+        reuse_existing=reuse_existing,
+    )
+
+
+def train(
+    dataset: Input[Dataset],
+    config: str,
+    overrides: list,
+    num_nodes: int,
+    nproc_per_node: int,
+    gpus_per_node: int,
+    image: str,
+    run_id: str,
+    output_root: str,
+    checkpoint_dir: str,
+    namespace: str,
+    cpu_request: str,
+    cpu_limit: str,
+    memory_request: str,
+    memory_limit: str,
+    shm_size: str,
+    secret_name: str,
+    config_map_name: str,
+    env: dict,
+    node_selector: dict,
+    tolerations: list,
+    service_account: str,
+    active_deadline_seconds: int,
+    clean_pod_policy: str,
+    delete_job: str,
+    launcher: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Pretrain as a PyTorchJob (on the cluster, or as local processes); Model + Metrics out."""
+    from pipeline import steps
+
+    steps.train(
+        dataset.metadata["url"],
+        model,
+        metrics,
+        config=config,
+        overrides=overrides,
+        num_nodes=num_nodes,
+        nproc_per_node=nproc_per_node,
+        gpus_per_node=gpus_per_node,
+        image=image,
+        run_id=run_id,
+        output_root=output_root,
+        checkpoint_dir=checkpoint_dir,
+        namespace=namespace,
+        cpu_request=cpu_request,
+        cpu_limit=cpu_limit,
+        memory_request=memory_request,
+        memory_limit=memory_limit,
+        shm_size=shm_size,
+        secret_name=secret_name,
+        config_map_name=config_map_name,
+        env=env,
+        node_selector=node_selector,
+        tolerations=tolerations,
+        service_account=service_account,
+        active_deadline_seconds=active_deadline_seconds,
+        clean_pod_policy=clean_pod_policy,
+        delete_job=delete_job,
+        launcher=launcher,
+    )
+
+
+def benchmark(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    config: str,
+    overrides: list,
+    baseline_random: bool,
+    gpus: int,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    report_md: Output[Markdown],
+):
+    """Linear eval + kNN of the trained trunk (`pirl benchmark`); Metrics + HTML/Markdown report."""
+    from pipeline import steps
+
+    steps.benchmark(
+        dataset.metadata["url"],
+        dict(model.metadata),
+        model.path,
+        metrics,
+        report,
+        report_md,
+        config=config,
+        overrides=overrides,
+        baseline_random=baseline_random,
+        nproc=max(1, gpus),
+    )
+
+
+def make_components(image: str = IMAGE) -> SimpleNamespace:
+    """The three components on `image` (prep, train, benchmark)."""
+
+    def component(func):
+        return dsl.component(func, base_image=image, install_kfp_package=False)
+
+    return SimpleNamespace(
+        prep=component(prep), train=component(train), benchmark=component(benchmark)
+    )

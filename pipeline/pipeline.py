@@ -1,0 +1,206 @@
+"""The `pirl-pretrain` pipeline: prep -> train (a PyTorchJob) -> benchmark.
+
+The defaults reproduce the seed's main command, `config=pretrain/pirl/pirl_jigsaw_4node_resnet50`
+on 4 nodes x 8 GPUs, on an ImageNet-style folder in S3. Run parameters are prefixed by the step
+they shape (`data_`, `train_`, `bench_`) because the KFP UI lists them alphabetically and does not
+show their descriptions; the descriptions are in the docstring (they land in the compiled YAML).
+
+Storage settings (a ConfigMap: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) and credentials (a Secret:
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) are named by run parameters and mapped into every step
+and every training pod; their values never pass through a parameter. Both are optional, so a
+cluster whose pods get storage access from their identity needs neither.
+"""
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Markdown
+
+from pipeline.components import IMAGE, make_components
+
+NAME = "pirl-pretrain"
+STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+BENCH_SHM = "32Gi"  # counts against bench_memory
+
+
+def _storage_env(task, secret, config_map) -> None:
+    kubernetes.use_secret_as_env(
+        task, secret_name=secret, secret_key_to_env={k: k for k in CREDENTIAL_KEYS}, optional=True
+    )
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=config_map,
+        config_map_key_to_env={k: k for k in STORAGE_KEYS},
+        optional=True,
+    )
+
+
+def build_pipeline(image: str = IMAGE):
+    """The `pirl-pretrain` pipeline function, its components (and `train_image`) on `image`."""
+    c = make_components(image)
+
+    @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob, benchmark")
+    def pirl_pretrain(
+        data_source: str = "s3://pirl/raw/imagenet1k",
+        data_dataset_url: str = "s3://pirl/datasets/imagenet1k",
+        data_reuse_existing: bool = True,
+        data_shard_size: int = 0,
+        data_resize: int = 0,
+        data_workers: int = 16,
+        data_val_fraction: float = 0.0,
+        data_cpu: str = "16",
+        data_memory: str = "32Gi",
+        data_storage_secret: str = "pirl-s3-credentials",
+        data_storage_config_map: str = "pirl-storage",
+        train_config: str = "pretrain/pirl/pirl_jigsaw_4node_resnet50",
+        train_overrides: list = [],  # noqa: B006 (a KFP default, never mutated)
+        train_num_nodes: int = 4,
+        train_nproc_per_node: int = 8,
+        train_gpus_per_node: int = 8,
+        train_cpu_request: str = "64",
+        train_cpu_limit: str = "90",
+        train_memory_request: str = "400Gi",
+        train_memory_limit: str = "600Gi",
+        train_shm_size: str = "64Gi",
+        train_image: str = image,
+        train_output_root: str = "s3://pirl/runs",
+        train_checkpoint_dir: str = "",
+        train_namespace: str = "",
+        train_env: dict = {},  # noqa: B006
+        train_node_selector: dict = {},  # noqa: B006
+        train_tolerations: list = [],  # noqa: B006
+        train_service_account: str = "",
+        train_active_deadline_seconds: int = 604800,
+        train_clean_pod_policy: str = "Running",
+        train_delete_job: str = "on_success",
+        train_launcher: str = "auto",
+        bench_config: str = "benchmark/linear_image_classification/imagenet1k/eval_resnet_8gpu_transfer_in1k_linear",
+        bench_overrides: list = [],  # noqa: B006
+        bench_baseline_random: bool = False,
+        bench_gpus: int = 8,
+        bench_cpu: str = "32",
+        bench_memory: str = "128Gi",
+    ) -> Markdown:
+        """PIRL/NPID self-supervised pretraining: shard the images, train on a PyTorchJob, benchmark.
+
+        Args:
+            data_source: Images to train on, any fsspec URL (s3://, gs://, a path): an ImageFolder tree with train/ and val/ splits (ImageNet's layout), one without splits, or a list file (see pirl.data.sources).
+            data_dataset_url: Where `pirl prep` writes the sharded dataset (tar shards + manifest.json).
+            data_reuse_existing: Skip prep when data_dataset_url already holds a manifest.json.
+            data_shard_size: Images per shard (0: prep's default, 1000).
+            data_resize: Resize the shorter side to this many pixels while sharding (0: keep the originals).
+            data_workers: Parallel decode/encode processes for prep.
+            data_val_fraction: Without a val/ folder in data_source, hold out this fraction of each class as the val split (the benchmark evaluates on val).
+            data_cpu: CPU request of the prep step.
+            data_memory: Memory request and limit of the prep step.
+            data_storage_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the object store (optional; mapped into every step and training pod).
+            data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION (optional; e.g. for MinIO).
+            train_config: pirl.train preset (VISSL name), e.g. pretrain/pirl/pirl_jigsaw_4node_resnet50 or pretrain/npid/npid_8gpu_resnet.
+            train_overrides: Extra pirl.train overrides, e.g. ["config.OPTIMIZER.num_epochs=200"]; they win over everything else.
+            train_num_nodes: Pods of the PyTorchJob (1 Master + train_num_nodes-1 Workers).
+            train_nproc_per_node: Training processes per pod (one per GPU).
+            train_gpus_per_node: GPUs per pod (nvidia.com/gpu); 0 trains on CPU.
+            train_cpu_request: CPU request of each training pod.
+            train_cpu_limit: CPU limit of each training pod ("" for none).
+            train_memory_request: Memory request of each training pod.
+            train_memory_limit: Memory limit of each training pod (includes /dev/shm).
+            train_shm_size: Size of the in-memory /dev/shm of each training pod ("" for the runtime's 64 MiB).
+            train_image: Image of the training pods.
+            train_output_root: Runs go to <train_output_root>/<run id>/ (pretrain/ checkpoints and trunk, benchmark/ reports).
+            train_checkpoint_dir: Use this checkpoint directory instead (e.g. a previous run's .../pretrain to resume it).
+            train_namespace: Namespace of the PyTorchJob ("" for the run's own namespace).
+            train_env: Extra environment variables of the training pods, e.g. {"NCCL_DEBUG": "WARN"}.
+            train_node_selector: nodeSelector of the training pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}.
+            train_tolerations: Extra tolerations of the training pods (nvidia.com/gpu:NoSchedule is added when train_gpus_per_node > 0).
+            train_service_account: Service account of the training pods ("" for the namespace default), e.g. for workload identity.
+            train_active_deadline_seconds: The job fails after this many seconds (also bounds the retries of restartPolicy ExitCode).
+            train_clean_pod_policy: Which pods are deleted when the job ends: None, Running or All.
+            train_delete_job: Delete the PyTorchJob when the step ends: always, on_success or never.
+            train_launcher: cluster (submit the PyTorchJob), local (run its pods as processes in the step) or auto (cluster inside a pod).
+            bench_config: pirl benchmark preset (linear evaluation + kNN).
+            bench_overrides: Extra pirl benchmark overrides, e.g. ["config.OPTIMIZER.num_epochs=10"].
+            bench_baseline_random: Also evaluate a randomly initialised trunk, for comparison.
+            bench_gpus: GPUs of the benchmark step (one process each; 0 runs one process on CPU).
+            bench_cpu: CPU request of the benchmark step.
+            bench_memory: Memory request and limit of the benchmark step (includes its 32Gi /dev/shm).
+
+        Returns:
+            The benchmark's Markdown report (the accuracy table and plots).
+        """
+        prep = c.prep(
+            source=data_source,
+            dest=data_dataset_url,
+            shard_size=data_shard_size,
+            resize=data_resize,
+            workers=data_workers,
+            val_fraction=data_val_fraction,
+            reuse_existing=data_reuse_existing,
+        )
+        prep.set_display_name("prep: shard the dataset")
+        prep.set_caching_options(False)  # prep itself reuses finished shards (data_reuse_existing)
+        prep.set_cpu_request(data_cpu).set_memory_request(data_memory).set_memory_limit(data_memory)
+
+        train = c.train(
+            dataset=prep.outputs["dataset"],
+            config=train_config,
+            overrides=train_overrides,
+            num_nodes=train_num_nodes,
+            nproc_per_node=train_nproc_per_node,
+            gpus_per_node=train_gpus_per_node,
+            image=train_image,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            output_root=train_output_root,
+            checkpoint_dir=train_checkpoint_dir,
+            namespace=train_namespace,
+            cpu_request=train_cpu_request,
+            cpu_limit=train_cpu_limit,
+            memory_request=train_memory_request,
+            memory_limit=train_memory_limit,
+            shm_size=train_shm_size,
+            secret_name=data_storage_secret,
+            config_map_name=data_storage_config_map,
+            env=train_env,
+            node_selector=train_node_selector,
+            tolerations=train_tolerations,
+            service_account=train_service_account,
+            active_deadline_seconds=train_active_deadline_seconds,
+            clean_pod_policy=train_clean_pod_policy,
+            delete_job=train_delete_job,
+            launcher=train_launcher,
+        )
+        train.set_display_name("train: PyTorchJob")
+        train.set_caching_options(False)  # a cached step would not launch the job again
+        train.set_cpu_request("1").set_memory_request("2Gi").set_memory_limit("4Gi")
+        # The job's ownerReference: deleting the run's pods deletes the job too.
+        kubernetes.use_field_path_as_env(train, "KFP_POD_NAME", "metadata.name")
+        kubernetes.use_field_path_as_env(train, "KFP_POD_UID", "metadata.uid")
+
+        bench = c.benchmark(
+            dataset=prep.outputs["dataset"],
+            model=train.outputs["model"],
+            config=bench_config,
+            overrides=bench_overrides,
+            baseline_random=bench_baseline_random,
+            gpus=bench_gpus,
+        )
+        bench.set_display_name("benchmark: linear eval + kNN")
+        bench.set_caching_options(False)
+        bench.set_cpu_request(bench_cpu).set_memory_request(bench_memory).set_memory_limit(
+            bench_memory
+        )
+        bench.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(bench_gpus)
+        kubernetes.add_toleration(
+            bench, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"
+        )
+        # one DataLoader per GPU process passes batches through /dev/shm (64 MiB by default)
+        kubernetes.empty_dir_mount(
+            bench, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=BENCH_SHM
+        )
+
+        for task in (prep, train, bench):
+            _storage_env(task, data_storage_secret, data_storage_config_map)
+        return bench.outputs["report_md"]
+
+    return pirl_pretrain
+
+
+pirl_pretrain = build_pipeline()
