@@ -102,8 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, KeyError, TypeError, ValueError):
         table = json.dumps(metrics.get("headline", metrics), indent=1) + "\n"
     print(f"\npirl demo: reports in {out_dir} (report.md, report.html, metrics.json)\n")
+    print_pretraining_loss(metrics.get("config", {}).get("PRETRAIN_METRICS", ""))
     sys.stdout.write(table)
     return 0
+
+
+def print_pretraining_loss(metrics_url: str) -> None:
+    """Mean pretraining loss per epoch, from the training run's metrics.jsonl."""
+    from pirl import storage
+
+    if not metrics_url:
+        return
+    records = [json.loads(x) for x in storage.read_bytes(metrics_url).decode().splitlines() if x]
+    epochs = [r for r in records if "epoch_loss" in r]
+    print("pretraining: epoch  mean loss")
+    for r in epochs:
+        print(f"             {r['epoch']:>5}  {r['epoch_loss']:.4f}")
+    print()
 
 
 if __name__ == "__main__":
