@@ -1,0 +1,164 @@
+"""Scaling model: predict images/s on N nodes x G GPUs from one rank's measured step and the
+measured speed of the collectives a step runs.
+
+    python -m pirl.scaling --step-seconds 0.30 --batch 32 [--bandwidth-gbs 25 --latency-us 30]
+    python -m pirl.scaling --measure     # measure gloo all-reduce here and check 1 vs 2 ranks
+
+Per step every rank runs its forward/backward (t_compute, measured by `pirl bench`), then
+  - a ring all-reduce of the gradients: 2 (W-1)/W x P bytes / bandwidth + 2 (W-1) x latency
+    (DDP overlaps it with the backward; the model charges only what exceeds `overlap` x backward),
+  - an all-gather of the (embedding, index) pairs for the memory bank: (W-1) x B x (4D + 8) bytes.
+images/s = W x B / t_step; an epoch of ImageNet-1K is 1,281,167 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+IMAGENET = 1_281_167
+
+
+def ring_allreduce_seconds(nbytes: float, world: int, bandwidth: float, latency: float) -> float:
+    if world == 1:
+        return 0.0
+    return 2 * (world - 1) / world * nbytes / bandwidth + 2 * (world - 1) * latency
+
+
+def predict(
+    step_seconds: float,
+    backward_seconds: float,
+    batch: int,
+    world: int,
+    param_bytes: float,
+    bandwidth: float,
+    latency: float,
+    dim: int = 128,
+    overlap: float = 0.8,
+) -> dict:
+    allreduce = ring_allreduce_seconds(param_bytes, world, bandwidth, latency)
+    exposed = max(0.0, allreduce - overlap * backward_seconds)
+    gather = (
+        0.0
+        if world == 1
+        else (world - 1) * batch * (4 * dim + 8) / bandwidth + (world - 1) * latency
+    )
+    t = step_seconds + exposed + gather
+    return {
+        "world": world,
+        "step_seconds": t,
+        "images_per_sec": world * batch / t,
+        "allreduce_seconds": allreduce,
+    }
+
+
+def _measure_worker(rank: int, world: int, nbytes: int, port: int, out: dict) -> None:
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    t = torch.ones(nbytes // 4)
+    tdist.all_reduce(t)
+    times = []
+    for _ in range(5):
+        tdist.barrier()
+        start = time.perf_counter()
+        tdist.all_reduce(t)
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        out["seconds"] = statistics.median(times)
+    tdist.destroy_process_group()
+
+
+def measure_allreduce(nbytes: int, world: int = 2) -> float:
+    """Median seconds of a gloo all-reduce of `nbytes` between `world` local processes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_measure_worker, args=(world, nbytes, port, out), nprocs=world, join=True)
+    return out["seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pirl.scaling", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--step-seconds", type=float, help="one rank's step (pirl bench median)")
+    parser.add_argument(
+        "--backward-seconds",
+        type=float,
+        default=None,
+        help="its backward phase (default: 2/3 of the step)",
+    )
+    parser.add_argument("--batch", type=int, default=32, help="batch per rank")
+    parser.add_argument(
+        "--params", type=float, default=24.6e6, help="trainable parameters (R50 PIRL: 24.6M)"
+    )
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=25.0, help="all-reduce bus bandwidth, GB/s"
+    )
+    parser.add_argument(
+        "--latency-us", type=float, default=30.0, help="per-hop latency, microseconds"
+    )
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=800)
+    parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--measure", action="store_true", help="measure gloo all-reduce bandwidth here (2 ranks)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.measure:
+        nbytes = int(4 * args.params)
+        seconds = measure_allreduce(nbytes)
+        bus = 2 * (2 - 1) / 2 * nbytes / seconds
+        print(
+            f"gloo all-reduce of {nbytes / 1e6:.0f} MB between 2 local ranks: {seconds:.3f} s, bus bandwidth {bus / 1e9:.2f} GB/s"
+        )
+        args.bandwidth_gbs = bus / 1e9
+    if args.step_seconds is None:
+        parser.error("--step-seconds is required (measure it with `pirl bench`)")
+    backward = (
+        args.backward_seconds if args.backward_seconds is not None else 2 * args.step_seconds / 3
+    )
+    rows = []
+    for nodes in (1, 4, 16):
+        world = nodes * args.gpus_per_node
+        p = predict(
+            args.step_seconds,
+            backward,
+            args.batch,
+            world,
+            4 * args.params,
+            args.bandwidth_gbs * 1e9,
+            args.latency_us * 1e-6,
+        )
+        p["nodes"] = nodes
+        p["hours_for_epochs"] = IMAGENET * args.epochs / p["images_per_sec"] / 3600
+        rows.append(p)
+    print(
+        f"{'nodes x gpus':>12} {'step s':>8} {'images/s':>10} {'all-reduce s':>13} {args.epochs:>4}-epoch ImageNet hours"
+    )
+    for r in rows:
+        print(
+            f"{r['nodes']:>6} x {args.gpus_per_node:<3} {r['step_seconds']:>8.3f} {r['images_per_sec']:>10.0f} {r['allreduce_seconds']:>13.4f} {r['hours_for_epochs']:>10.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    mp.set_start_method("spawn", force=True)
+    sys.exit(main())
