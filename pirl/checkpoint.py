@@ -6,6 +6,8 @@ Layout under CHECKPOINT.DIR:
 A checkpoint exists only once its .json is there (object stores have no rename, so the small
 sidecar is the publish step). Loading takes the newest one whose bytes match its sidecar and
 that `torch.load(weights_only=True)` accepts; a corrupt or partial one is skipped with a warning.
+A store that stops answering (StorageUnavailable) is never taken for a missing checkpoint: it
+propagates, so a restart tries again instead of resuming from an older one.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def complete(root: str) -> list[dict]:
         if name.startswith(PREFIX) and name.endswith(".json"):
             try:
                 out.append(json.loads(storage.read_bytes(storage.join(_dir(root), name))))
+            except storage.StorageUnavailable:
+                raise  # the store is down: resuming from an older checkpoint would lose work
             except (ValueError, FileNotFoundError, storage.StorageError) as exc:
                 log.warning("ignoring unreadable checkpoint sidecar %s: %s", name, exc)
     return sorted(out, key=lambda m: m["global_step"])
@@ -76,13 +80,25 @@ def prune(root: str, keep_last: int) -> None:
         published = {m["file"] for m in metas}
         newest = metas[-1]["file"]
         for name in storage.list_names(_dir(root)):
-            if (
-                name.startswith(PREFIX)
-                and name.endswith(".pt")
-                and name not in published
-                and name < newest
+            if name.startswith(PREFIX) and (
+                (name.endswith(".pt") and name not in published and name < newest)
+                # a local write killed mid-way (only this process writes checkpoints)
+                or ".tmp-" in name
             ):
                 storage.remove(storage.join(_dir(root), name))
+
+
+def unpublish_newer(root: str, global_step: int) -> list[str]:
+    """Delete the checkpoints newer than `global_step` (sidecar first). A resumed run calls it
+    before its first save: a newer checkpoint it did not resume from failed verification, and
+    left published it would count against KEEP_LAST and push out the good ones."""
+    removed = []
+    for meta in complete(root):
+        if meta["global_step"] > global_step:
+            storage.remove(storage.join(_dir(root), meta["file"].replace(".pt", ".json")))
+            storage.remove(storage.join(_dir(root), meta["file"]))
+            removed.append(meta["file"])
+    return removed
 
 
 def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict] | None:
@@ -91,6 +107,8 @@ def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[di
         url = storage.join(_dir(root), meta["file"])
         try:
             data = storage.read_bytes(url)
+        except storage.StorageUnavailable:
+            raise  # transient: fail (retryable) rather than fall back and lose work
         except (FileNotFoundError, storage.StorageError) as exc:
             log.warning(
                 "checkpoint %s is unreadable (%s); falling back to the previous one", url, exc

@@ -37,5 +37,13 @@ class StorageError(PirlError):
     exit_code = EXIT_STORAGE
 
 
+class StorageUnavailable(StorageError):
+    """The store kept failing with transient errors (connection lost, timeout, HTTP 500/503)
+    until the retries ran out: retryable, unlike the other storage errors (a restarted job
+    resumes from its newest checkpoint once the store answers again)."""
+
+    exit_code = EXIT_RETRYABLE
+
+
 class RetryableError(PirlError):
     exit_code = EXIT_RETRYABLE

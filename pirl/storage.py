@@ -7,23 +7,85 @@ never pass through this module's messages.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
 import time
 import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from pirl.errors import StorageError
+from pirl.errors import StorageError, StorageUnavailable
 
-TRANSIENT = (ConnectionError, TimeoutError, OSError)
+log = logging.getLogger("pirl")
+
+# One storage call (a read, a write, a listing) is tried at most RETRY_ATTEMPTS times, sleeping
+# RETRY_FIRST_DELAY seconds and twice as long after each failure, and no new try starts once
+# RETRY_MAX_SECONDS have passed. The backends retry underneath each try (s3fs: 5 tries on network
+# errors, connect/read timeouts 5 s/15 s; botocore: AWS_MAX_ATTEMPTS, AWS_RETRY_MODE); the layers
+# and the worst case are in docs/failure-handling.md.
+RETRY_ATTEMPTS = 5
+RETRY_FIRST_DELAY = 0.5
+RETRY_MAX_SECONDS = 60.0
+
+# errno values of failures worth retrying. s3fs maps HTTP 500 to EREMOTEIO, 503 / SlowDown and
+# 409 to EBUSY, unknown error codes (502, 504) to EIO.
+TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.EBUSY,
+    getattr(errno, "EREMOTEIO", errno.EIO),
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EPIPE,
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+}
+# Network failures that the backends raise as their own types rather than OSError
+# (botocore's EndpointConnectionError, ReadTimeoutError, ...; aiohttp's ClientPayloadError, ...).
+TRANSIENT_TYPE_NAMES = {
+    "HTTPClientError",
+    "ConnectionError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "ClientConnectionError",
+    "ClientPayloadError",
+    "ServerTimeoutError",
+    "FSTimeoutError",
+}
+BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again may succeed: a lost connection, a timeout, HTTP 500/503 - not a
+    missing object, a denied permission, a full disk or a malformed request."""
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno is None or exc.errno in TRANSIENT_ERRNOS
+    return any(c.__name__ in TRANSIENT_TYPE_NAMES for c in type(exc).__mro__)
+
+
+def _from_backend(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in BACKEND_MODULES
+
+
+def redact(text: str) -> str:
+    """`text` with any user:password@ part of the URLs in it removed (for messages and logs)."""
+    return re.sub(r"//[^/@\s'\"]*@", "//", text)
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return url_to_fs(url)
     except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot open {url!r}: {exc}") from None
+        raise StorageError(redact(f"cannot open {url!r}: {exc}")) from None
 
 
 def join(url: str, *parts: str) -> str:
@@ -34,9 +96,25 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def retry(what: str, fn, *, attempts: int = 5, first_delay: float = 0.5, max_total: float = 60.0):
-    """Call fn(); on a transient error retry with exponential backoff, bounded in count and time."""
-    start, delay = time.monotonic(), first_delay
+def retry(
+    what: str,
+    fn,
+    *,
+    attempts: int | None = None,
+    first_delay: float | None = None,
+    max_total: float | None = None,
+):
+    """Call fn(); retry transient errors with exponential backoff, bounded in count and time.
+
+    FileNotFoundError is raised as it is. Transient errors that outlast the retries raise
+    StorageUnavailable (retryable exit code); every other failure of the storage backend
+    (permission, full disk, missing bucket on write, bad request, no credentials) raises
+    StorageError (permanent) at once. The message names `what` (the URL), never credentials."""
+    what = redact(what)
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    delay = RETRY_FIRST_DELAY if first_delay is None else first_delay
+    max_total = RETRY_MAX_SECONDS if max_total is None else max_total
+    start = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -44,9 +122,26 @@ def retry(what: str, fn, *, attempts: int = 5, first_delay: float = 0.5, max_tot
             raise
         except PermissionError as exc:
             raise StorageError(f"{what}: permission denied ({exc})") from None
-        except TRANSIENT as exc:
-            if attempt == attempts or time.monotonic() - start + delay > max_total:
-                raise StorageError(f"{what}: failed after {attempt} attempt(s): {exc}") from None
+        except Exception as exc:
+            if not is_transient(exc):
+                if isinstance(exc, OSError) or _from_backend(exc):
+                    raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from None
+                raise
+            elapsed = time.monotonic() - start
+            if attempt == attempts or elapsed + delay > max_total:
+                raise StorageUnavailable(
+                    f"{what}: the store kept failing, {attempt} attempt(s) in {elapsed:.1f} s: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            log.warning(
+                "%s: %s: %s; retry %d/%d in %.1f s",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
             delay *= 2
 
@@ -64,17 +159,23 @@ def write_bytes(url: str, data: bytes) -> None:
         if is_local(url):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                # a full disk or a signal mid-write: leave neither the object nor a partial file
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
         else:
             retry(f"writing {url}", lambda: fs.pipe_file(path, data))
     except StorageError:
         raise
     except OSError as exc:
-        raise StorageError(f"writing {url}: {exc}") from None
+        raise StorageError(redact(f"writing {url}: {exc}")) from None
 
 
 def exists(url: str) -> bool:
@@ -107,9 +208,9 @@ def check_writable(url: str) -> None:
     try:
         write_bytes(probe, b"ok")
         remove(probe)
-    except StorageError as exc:
-        raise StorageError(f"the output location {url!r} is not writable: {exc}") from None
+    except StorageError as exc:  # StorageUnavailable stays retryable
+        raise type(exc)(redact(f"the output location {url!r} is not writable: {exc}")) from None
     except Exception as exc:  # backends raise their own types for missing buckets / bad credentials
         raise StorageError(
-            f"the output location {url!r} is not writable: {type(exc).__name__}: {exc}"
+            redact(f"the output location {url!r} is not writable: {type(exc).__name__}: {exc}")
         ) from None
