@@ -343,12 +343,32 @@ def check(cfg: Config) -> None:
 
     build_transform(d.TRANSFORMS, f"{dp}.TRANSFORMS")
 
-    o = cfg.OPTIMIZER
-    op = f"{c}.OPTIMIZER"
+    check_optimizer(cfg.OPTIMIZER, f"{c}.OPTIMIZER")
+
+    dist = cfg.DISTRIBUTED
+    _require(dist.NUM_NODES >= 1, f"{c}.DISTRIBUTED.NUM_NODES must be >= 1")
+    _require(dist.NUM_PROC_PER_NODE >= 1, f"{c}.DISTRIBUTED.NUM_PROC_PER_NODE must be >= 1")
+    _one_of(f"{c}.DISTRIBUTED.BACKEND", dist.BACKEND, ("nccl", "gloo"))
+    _require(dist.TIMEOUT_SECONDS >= 1, f"{c}.DISTRIBUTED.TIMEOUT_SECONDS must be >= 1")
+    _one_of(f"{c}.MACHINE.DEVICE", cfg.MACHINE.DEVICE, ("gpu", "cpu", "auto"))
+    _require(cfg.CHECKPOINT.KEEP_LAST >= 1, f"{c}.CHECKPOINT.KEEP_LAST must be >= 1")
+    _require(
+        cfg.CHECKPOINT.CHECKPOINT_FREQUENCY >= 1,
+        f"{c}.CHECKPOINT.CHECKPOINT_FREQUENCY must be >= 1",
+    )
+    _require(cfg.CHECKPOINT.DIR != "", f"{c}.CHECKPOINT.DIR must not be empty")
+    _require(cfg.LOG_FREQUENCY >= 1, f"{c}.LOG_FREQUENCY must be >= 1")
+
+
+def check_optimizer(o, op: str) -> None:
+    """The SGD and LR-schedule values of an OPTIMIZER block (pretraining and benchmark alike)."""
     _one_of(f"{op}.name", o.name, ("sgd",))
     _require(o.num_epochs >= 1, f"{op}.num_epochs must be >= 1, got {o.num_epochs}")
     _require(
         o.weight_decay >= 0 and o.momentum >= 0, f"{op}.weight_decay and momentum must be >= 0"
+    )
+    _require(
+        not o.nesterov or o.momentum > 0, f"{op}.nesterov needs momentum > 0 (torch's SGD rule)"
     )
     lr = o.param_schedulers.lr
     sp = f"{op}.param_schedulers.lr"
@@ -369,20 +389,6 @@ def check(cfg: Config) -> None:
         _require(lr.milestones == sorted(lr.milestones), f"{sp}.milestones must be increasing")
     if lr.name == "cosine":
         _require(lr.start_value > 0, f"{sp}.start_value must be > 0 for the cosine schedule")
-
-    dist = cfg.DISTRIBUTED
-    _require(dist.NUM_NODES >= 1, f"{c}.DISTRIBUTED.NUM_NODES must be >= 1")
-    _require(dist.NUM_PROC_PER_NODE >= 1, f"{c}.DISTRIBUTED.NUM_PROC_PER_NODE must be >= 1")
-    _one_of(f"{c}.DISTRIBUTED.BACKEND", dist.BACKEND, ("nccl", "gloo"))
-    _require(dist.TIMEOUT_SECONDS >= 1, f"{c}.DISTRIBUTED.TIMEOUT_SECONDS must be >= 1")
-    _one_of(f"{c}.MACHINE.DEVICE", cfg.MACHINE.DEVICE, ("gpu", "cpu", "auto"))
-    _require(cfg.CHECKPOINT.KEEP_LAST >= 1, f"{c}.CHECKPOINT.KEEP_LAST must be >= 1")
-    _require(
-        cfg.CHECKPOINT.CHECKPOINT_FREQUENCY >= 1,
-        f"{c}.CHECKPOINT.CHECKPOINT_FREQUENCY must be >= 1",
-    )
-    _require(cfg.CHECKPOINT.DIR != "", f"{c}.CHECKPOINT.DIR must not be empty")
-    _require(cfg.LOG_FREQUENCY >= 1, f"{c}.LOG_FREQUENCY must be >= 1")
 
 
 def output_names(cfg: Config) -> list[str]:

@@ -124,34 +124,7 @@ def check(cfg: BenchmarkConfig) -> None:
         build_transform(split.TRANSFORMS, f"{dp}.TRANSFORMS")
     _require(cfg.DATA.NUM_DATALOADER_WORKERS >= 0, f"{c}.DATA.NUM_DATALOADER_WORKERS must be >= 0")
 
-    o = cfg.OPTIMIZER
-    op = f"{c}.OPTIMIZER"
-    _one_of(f"{op}.name", o.name, ("sgd",))
-    _require(o.num_epochs >= 1, f"{op}.num_epochs must be >= 1, got {o.num_epochs}")
-    _require(
-        o.weight_decay >= 0 and o.momentum >= 0, f"{op}.weight_decay and momentum must be >= 0"
-    )
-    _require(
-        not o.nesterov or o.momentum > 0, f"{op}.nesterov needs momentum > 0 (torch's SGD rule)"
-    )
-    lr = o.param_schedulers.lr
-    sp = f"{op}.param_schedulers.lr"
-    _one_of(f"{sp}.name", lr.name, base.LR_SCHEDULES)
-    _one_of(f"{sp}.update_interval", lr.update_interval, ("epoch", "step"))
-    _one_of(
-        f"{sp}.auto_lr_scaling.scaling_type", lr.auto_lr_scaling.scaling_type, ("linear", "sqrt")
-    )
-    _require(
-        lr.auto_lr_scaling.base_lr_batch_size >= 1,
-        f"{sp}.auto_lr_scaling.base_lr_batch_size must be >= 1",
-    )
-    if lr.name == "multistep":
-        _require(
-            len(lr.values) == len(lr.milestones) + 1,
-            f"{sp}.values needs one more entry than milestones, got {len(lr.values)} values and "
-            f"{len(lr.milestones)} milestones",
-        )
-        _require(lr.milestones == sorted(lr.milestones), f"{sp}.milestones must be increasing")
+    base.check_optimizer(cfg.OPTIMIZER, f"{c}.OPTIMIZER")
 
     k = cfg.KNN
     _require(
