@@ -9,6 +9,7 @@ import sys
 from pirl import dist, storage
 from pirl.benchmark import config
 from pirl.errors import PirlError
+from pirl.train import setup_logging
 
 log = logging.getLogger("pirl")
 
@@ -35,15 +36,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="(dry run) check the config against N processes",
     )
     return parser.parse_intermixed_args(argv)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
 
 
 def _hint(overrides: list[str]) -> str:
