@@ -21,9 +21,13 @@ def exit_code_of(code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
+
+    from pirl.errors import EXIT_RETRYABLE
 
     try:
         torchrun(sys.argv[1:] if argv is None else argv)
@@ -34,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except SignalException as exc:
         return 128 + int(exc.sigval)
+    except (RendezvousError, DistError) as exc:
+        # A peer pod never came up or the store went away: retryable, the operator recreates
+        # the pod and the job resumes (torchrun itself would exit 1, a permanent failure).
+        print(f"pipeline.torchrun: rendezvous failed, retryable: {exc}", file=sys.stderr)
+        return EXIT_RETRYABLE
     return 0
 
 

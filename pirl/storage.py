@@ -23,12 +23,13 @@ log = logging.getLogger("pirl")
 
 # One storage call (a read, a write, a listing) is tried at most RETRY_ATTEMPTS times, sleeping
 # RETRY_FIRST_DELAY seconds and twice as long after each failure, and no new try starts once
-# RETRY_MAX_SECONDS have passed. The backends retry underneath each try (s3fs: 5 tries on network
-# errors, connect/read timeouts 5 s/15 s; botocore: AWS_MAX_ATTEMPTS, AWS_RETRY_MODE); the layers
+# RETRY_MAX_SECONDS have passed. Underneath each try, botocore retries each request
+# (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS) with s3fs's connect/read timeouts (5 s / 15 s); the layers
 # and the worst case are in docs/failure-handling.md.
 RETRY_ATTEMPTS = 5
 RETRY_FIRST_DELAY = 0.5
 RETRY_MAX_SECONDS = 60.0
+S3FS_RETRIES: int | None = 1  # s3fs's tries per call (None: s3fs's default, 5)
 
 # errno values of failures worth retrying. s3fs maps HTTP 500 to EREMOTEIO, 503 / SlowDown and
 # 409 to EBUSY, unknown error codes (502, 504) to EIO.
@@ -56,6 +57,8 @@ TRANSIENT_TYPE_NAMES = {
     "ClientPayloadError",
     "ServerTimeoutError",
     "FSTimeoutError",
+    "IncompleteRead",
+    "ResponseParserError",
 }
 BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec")
 
@@ -83,9 +86,15 @@ def redact(text: str) -> str:
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return url_to_fs(url)
+        fs, path = url_to_fs(url)
     except (ImportError, ValueError) as exc:
         raise StorageError(redact(f"cannot open {url!r}: {exc}")) from None
+    if "s3" in fs.protocol and S3FS_RETRIES is not None:
+        # s3fs's own loop (5 tries per call, a class attribute) would multiply botocore's tries
+        # and ours: 125 requests and minutes for one read of a dead store. `retry` covers the
+        # same errors with a time bound.
+        fs.retries = S3FS_RETRIES
+    return fs, path
 
 
 def join(url: str, *parts: str) -> str:
@@ -134,7 +143,7 @@ def retry(
                     f"{type(exc).__name__}: {exc}"
                 ) from None
             log.warning(
-                "%s: %s: %s; retry %d/%d in %.1f s",
+                "%s: %s: %s; retry %d/%d in %g s",
                 what,
                 type(exc).__name__,
                 exc,

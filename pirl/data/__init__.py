@@ -68,8 +68,15 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.folder.samples[i]
-        with Image.open(path) as img:
-            return img.convert("RGB"), label
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            # A folder is read as is (no prep report): name the file and stop; `pirl prep`
+            # skips and lists such files instead.
+            raise DataError(
+                f"cannot decode {path}: {exc}; fix or remove it, or use `pirl prep`"
+            ) from None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

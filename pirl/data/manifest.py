@@ -29,7 +29,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from pirl import storage
-from pirl.errors import DataError, StorageError
+from pirl.errors import DataError, StorageError, StorageUnavailable
 
 FORMAT = "pirl-shards/1"
 MANIFEST = "manifest.json"
@@ -123,6 +123,8 @@ def load(url: str) -> tuple[str, Manifest]:
             f"no {MANIFEST} at {root!r}: not a dataset made by `pirl prep`, or its prep has not "
             "finished (the manifest is written last)"
         ) from None
+    except StorageUnavailable:
+        raise  # the store stopped answering: retryable, not a bad dataset
     except StorageError as exc:
         raise DataError(f"cannot read {murl}: {exc}") from None
     except Exception as exc:  # backends raise their own types for missing buckets / credentials
