@@ -216,6 +216,9 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 "global_step": global_step,
                 "config": config.dump_yaml(cfg),
             }
+            # metrics first: killed in between, metrics.jsonl holds every record up to the newest
+            # checkpoint (a resume drops the records beyond it), never fewer
+            write_metrics(root, metrics)
             url = checkpoint.save(
                 root,
                 state,
@@ -224,7 +227,6 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 global_step=global_step,
                 keep_last=cfg.CHECKPOINT.KEEP_LAST,
             )
-            write_metrics(root, metrics)
             log.info("checkpoint %s", url)
         dist.barrier()
 

@@ -22,7 +22,7 @@ from pirl import checkpoint
 
 from .conftest import free_port, subprocess_env
 
-EPOCHS = 8  # x 2 steps: the fault tests' jobs run 16 steps
+EPOCHS = 6  # x 2 steps: the fault tests' jobs run 12 steps
 STEP_LINE = re.compile(r"\[rank 0\] INFO epoch (\d+) step (\d+)/(\d+) ")
 
 

@@ -29,7 +29,7 @@ from .fault_jobs import (
 
 pytestmark = pytest.mark.slow
 
-SEED = int(os.environ.get("PIRL_LOAD_SEED", "4"))  # draws all four kinds of fault
+SEED = int(os.environ.get("PIRL_LOAD_SEED", "32"))  # draws all four kinds of fault
 MAX_FAULTS = 4
 MAX_STARTS = 10  # bounded restarts: MAX_FAULTS faults, and a few starts that make no progress
 FAULTS = ("SIGKILL rank 0", "SIGKILL rank 1", "SIGKILL pod", "SIGTERM pod")
