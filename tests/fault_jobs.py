@@ -22,7 +22,7 @@ from pirl import checkpoint
 
 from .conftest import free_port, subprocess_env
 
-EPOCHS = 6  # x 2 steps: the fault tests' jobs run 12 steps
+EPOCHS = 5  # x 2 steps: the fault tests' jobs run 10 steps
 STEP_LINE = re.compile(r"\[rank 0\] INFO epoch (\d+) step (\d+)/(\d+) ")
 
 
@@ -88,6 +88,8 @@ class Pod:
 
     def kill(self) -> None:
         """SIGKILL every process of the pod (node loss, OOM kill of the container)."""
+        if self.proc.poll() is not None:
+            return  # exited and reaped: its pid may be another process's now
         pids = [self.proc.pid, *descendants(self.proc.pid)]
         for pid in pids:
             try:

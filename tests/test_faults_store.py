@@ -200,8 +200,8 @@ def test_checkpoint_write_faults_and_a_corrupt_newest_on_s3(proxy, s3_bucket, tm
     assert all(r.hits == r.times for r in proxy.rules)
     proxy.clear()
 
-    straight, run = f"{s3_bucket}/straight", f"{s3_bucket}/run"
-    # (the uninterrupted run only needs its final checkpoint: saving does not change training)
+    # the uninterrupted run: its final checkpoint only, on local disk (saving changes nothing)
+    straight, run = str(tmp_path / "straight"), f"{s3_bucket}/run"
     assert train_main(run_args(straight, data, "config.CHECKPOINT.CHECKPOINT_FREQUENCY=3")) == 0
 
     # ---- run 1: checkpoint 6's sidecar cannot be written
