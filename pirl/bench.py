@@ -22,12 +22,15 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from pirl import config, dist
+from pirl import config, dist, precision
 from pirl.data import open_train_data
+from pirl.errors import PirlError
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer
@@ -37,9 +40,9 @@ PHASES = ["data", "trunk_patches", "trunk_images", "heads", "loss_memory", "back
 PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "vissl" / "run.sh"
 
 
-def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
-    """Measured dense-matmul FLOP/s: fp32 sgemm 2048^2 on CPU, bf16 8192^2 on GPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Measured dense-matmul FLOP/s in `dtype`: 2048^2 on CPU, 8192^2 on GPU."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
@@ -58,26 +61,50 @@ def sync(device: torch.device) -> None:
 
 
 class Timer:
+    """Per-phase seconds of one step. Trunk and head calls are timed by forward hooks, so that
+    the model still runs through DDP's forward (which arms the gradient all-reduce)."""
+
     def __init__(self, device: torch.device):
-        self.device, self.times = device, {p: 0.0 for p in PHASES}
+        self.device = device
+        self.times = {p: 0.0 for p in PHASES}
 
+    @contextmanager
     def phase(self, name: str):
-        timer = self
+        sync(self.device)
+        start = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] += time.perf_counter() - start
 
-        class _Phase:
-            def __enter__(self):
-                sync(timer.device)
-                self.t = time.perf_counter()
+    def watch(self, model) -> None:
+        keys = [
+            f"trunk_{k}" if f"trunk_{k}" in PHASES else "trunk_images" for k in model.input_keys
+        ]
+        state = {"calls": 0, "start": 0.0}
 
-            def __exit__(self, *exc):
-                sync(timer.device)
-                timer.times[name] += time.perf_counter() - self.t
+        def start(module, args):
+            sync(self.device)
+            state["start"] = time.perf_counter()
 
-        return _Phase()
+        def done(phase):
+            def hook(module, args, output):
+                sync(self.device)
+                name = phase or keys[state["calls"] % len(keys)]
+                state["calls"] += phase is None
+                self.times[name] += time.perf_counter() - state["start"]
+
+            return hook
+
+        model.trunk.register_forward_pre_hook(start)
+        model.trunk.register_forward_hook(done(None))
+        for head in model.heads:
+            head.register_forward_pre_hook(start)
+            head.register_forward_hook(done("heads"))
 
 
-def build(overrides: list[str], device: torch.device):
-    cfg, _ = config.load(overrides, world_size=1)
+def build(overrides: list[str], env: dist.DistEnv):
+    device = env.device
+    cfg, _ = config.load(overrides, world_size=env.world_size)
     split = cfg.DATA.TRAIN
     k = cfg.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives
     split.SYNTHETIC_NUM_SAMPLES = max(split.SYNTHETIC_NUM_SAMPLES, k + 1)
@@ -85,23 +112,26 @@ def build(overrides: list[str], device: torch.device):
         split,
         build_transform(split.TRANSFORMS),
         build_collator(split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES),
-        rank=0,
-        world=1,
+        rank=env.rank,
+        world=env.world_size,
         seed=cfg.SEED_VALUE,
         num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
         pin_memory=device.type == "cuda",
     )
-    derived = config.derive(cfg, 1, data.num_samples)
-    model = build_model(cfg).to(device)
-    criterion = NCELossWithMemory(cfg.LOSS.nce_loss_with_memory, data.num_samples).to(device)
+    derived = config.derive(cfg, env.world_size, data.num_samples)
+    model = precision.place_model(build_model(cfg), cfg.MODEL, device)
+    criterion = NCELossWithMemory(
+        cfg.LOSS.nce_loss_with_memory, data.num_samples, seed=cfg.SEED_VALUE, rank=env.rank
+    ).to(device)
+    criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
     optimizer = build_optimizer(model, cfg.OPTIMIZER, lr=0.01)
     return cfg, derived, data, model, criterion, optimizer
 
 
-def count_flops_per_image(model, criterion, batch: dict, device: torch.device) -> float:
+def count_flops_per_image(model, criterion, batch: dict, model_cfg, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    inputs = {k: batch[k].to(device) for k in model.input_keys}
+    inputs = {k: precision.place_input(batch[k], model_cfg, device) for k in model.input_keys}
     index = batch["index"].to(device)
     with FlopCounterMode(display=False) as counter:
         loss = criterion(model(inputs), index)
@@ -111,17 +141,37 @@ def count_flops_per_image(model, criterion, batch: dict, device: torch.device) -
 
 
 def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
+    """Time `steps` training steps after `warmup`; under torchrun, every rank runs DDP and rank 0's
+    figures are returned (images/s counts all ranks)."""
     env = dist.init("auto")
     device = env.device
-    cfg, derived, data, model, criterion, optimizer = build(overrides, device)
+    if env.world_size > 1:
+        overrides = overrides + [
+            "config.DISTRIBUTED.NUM_NODES=1",
+            f"config.DISTRIBUTED.NUM_PROC_PER_NODE={env.world_size}",
+        ]
+    cfg, derived, data, model, criterion, optimizer = build(overrides, env)
     model.train()
     criterion.train()
     batches = data.batches(0)
-    peak = matmul_peak(device)
+    amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
+    # The limit: the matmul peak in the dtype the convolutions run in on CPU; bf16 on GPU (whose
+    # float32 convolutions run on tensor cores as tf32 anyway).
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else (amp_dtype or torch.float32)
+    peak = matmul_peak(device, compute_dtype)
+    flops = count_flops_per_image(model, criterion, next(batches), cfg.MODEL, device)
+    step_model = model
+    if env.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
+        )
+    timer = Timer(device)
+    timer.watch(model)
     per_step, phases = [], []
-    flops = None
     for step in range(warmup + steps):
-        timer = Timer(device)
+        timer.times = dict.fromkeys(PHASES, 0.0)
         t0 = time.perf_counter()
         with timer.phase("data"):
             try:
@@ -129,16 +179,10 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
             except StopIteration:
                 batches = data.batches(step + 1)
                 batch = next(batches)
-        if flops is None:
-            flops = count_flops_per_image(model, criterion, batch, device)
         index = batch["index"].to(device, non_blocking=True)
-        outputs = {}
-        for key, head in zip(model.input_keys, model.heads, strict=True):
-            x = batch[key].to(device, non_blocking=True)
-            with timer.phase(f"trunk_{key}" if f"trunk_{key}" in timer.times else "trunk_images"):
-                feats = model.trunk(x)
-            with timer.phase("heads"):
-                outputs[key] = head(feats)
+        inputs = {k: precision.place_input(batch[k], cfg.MODEL, device) for k in model.input_keys}
+        with precision.autocast(device, amp_dtype):
+            outputs = step_model(inputs)  # trunk and head phases: timed by the hooks
         with timer.phase("loss_memory"):
             loss = criterion(outputs, index)
         with timer.phase("backward"):
@@ -152,20 +196,25 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
             phases.append(timer.times)
     batch_size = derived.batch_size_per_rank
     median = statistics.median(per_step)
-    images_per_sec = batch_size / median
+    images_per_sec = env.world_size * batch_size / median
     result = {
         "device": str(device),
+        "ranks": env.world_size,
         "threads": torch.get_num_threads(),
         "config": overrides,
         "batch": batch_size,
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "num_negatives": cfg.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives,
+        "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "channels_last": cfg.MODEL.CHANNELS_LAST,
+        "matmul_peak_dtype": str(compute_dtype).replace("torch.", ""),
         "steps": steps,
         "seconds_per_step": {"median": median, "min": min(per_step), "max": max(per_step)},
         "images_per_sec": images_per_sec,
         "phases_median_seconds": {p: statistics.median(t[p] for t in phases) for p in PHASES},
         "flops_per_image": flops,
         "matmul_peak_flops": peak,
-        "efficiency": flops * images_per_sec / peak,
+        "efficiency": flops * images_per_sec / env.world_size / peak,
         "limit_seconds_per_step": flops * batch_size / peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -199,7 +248,10 @@ def run_peer(batch: int, iters: int, num_negatives: int, depth: int) -> dict:
 def print_table(result: dict) -> None:
     s = result["seconds_per_step"]
     print(
-        f"\n{result['device']}, {result['threads']} threads, batch {result['batch']}, {result['num_negatives']} negatives"
+        f"\n{result['device']}, {result['ranks']} rank(s) x {result['threads']} threads, "
+        f"batch {result['batch']} per rank, "
+        f"{result['num_negatives']} negatives, autocast {result['autocast']}, "
+        f"channels_last {result['channels_last']}"
     )
     print(f"step seconds: median {s['median']:.3f}  min {s['min']:.3f}  max {s['max']:.3f}")
     print(f"images/s: {result['images_per_sec']:.2f}")
@@ -208,14 +260,10 @@ def print_table(result: dict) -> None:
         + "  ".join(f"{p} {t:.3f}" for p, t in result["phases_median_seconds"].items())
     )
     print(
-        f"model GFLOP/image {result['flops_per_image'] / 1e9:.2f}, matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
+        f"model GFLOP/image {result['flops_per_image'] / 1e9:.2f}, {result['matmul_peak_dtype']} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
         f"limit {result['limit_seconds_per_step']:.3f} s/step, efficiency {100 * result['efficiency']:.1f}%"
     )
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    if "peer" in result:
-        print(
-            f"VISSL: {result['peer_images_per_sec']:.2f} images/s; ours/VISSL = {result['ratio_vs_peer']:.2f}x"
-        )
 
 
 def default_overrides(device_is_gpu: bool) -> list[str]:
@@ -230,6 +278,49 @@ def default_overrides(device_is_gpu: bool) -> list[str]:
     ]
 
 
+def summarise(rounds: list[dict[str, dict]], peer: list[dict]) -> list[dict]:
+    """One row per variant: medians over the rounds, and ours/VISSL from the same rounds."""
+    rows = []
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds]
+        step = statistics.median(r["seconds_per_step"]["median"] for r in runs)
+        loss = statistics.median(r["phases_median_seconds"]["loss_memory"] for r in runs)
+        row = {
+            "variant": name,
+            "seconds_per_step": step,
+            "images_per_sec": statistics.median(r["images_per_sec"] for r in runs),
+            "efficiency": statistics.median(r["efficiency"] for r in runs),
+            "matmul_peak_dtype": runs[0]["matmul_peak_dtype"],
+            "loss_memory_share": loss / step,
+        }
+        if peer:
+            ratios = [
+                r["images_per_sec"] / p["images_per_s"] for r, p in zip(runs, peer, strict=True)
+            ]
+            row["ratio_vs_peer"] = statistics.median(ratios)
+            row["ratios_vs_peer"] = ratios
+        rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[dict], peer: list[dict]) -> None:
+    print(f"\nsummary over {len(peer) or 1} round(s), medians:")
+    print(
+        f"{'variant':<48} {'s/step':>7} {'img/s':>6} {'eff.':>10} {'loss+mem':>8} {'vs VISSL':>8}"
+    )
+    for r in rows:
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["matmul_peak_dtype"]]
+        eff = f"{100 * r['efficiency']:.0f}% {short}"
+        ratio = f"{r['ratio_vs_peer']:.2f}x" if "ratio_vs_peer" in r else "-"
+        print(
+            f"{r['variant']:<48} {r['seconds_per_step']:>7.3f} {r['images_per_sec']:>6.2f} "
+            f"{eff:>10} {100 * r['loss_memory_share']:>7.1f}% {ratio:>8}"
+        )
+    if peer:
+        steps = [p["median_s_per_iter"] for p in peer]
+        print(f"VISSL s/iter per round: {', '.join(f'{x:.3f}' for x in steps)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pirl bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides (added after the defaults)")
@@ -237,34 +328,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="also run ours with these space-separated overrides, alternated with the others "
+        "in every round (repeatable), e.g. --variant config.MODEL.AMP_PARAMS.USE_AMP=true",
+    )
+    parser.add_argument(
         "--peer", action="store_true", help="alternate with the reference implementation"
     )
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of ours/peer alternation")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of alternation")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rank, _, world = dist.launch_env()
+    if args.peer and world > 1:
+        parser.error("--peer runs on one process: start pirl bench without torchrun for it")
     overrides = default_overrides(torch.cuda.is_available()) + args.overrides
-    rounds = []
-    for _ in range(args.rounds if args.peer else 1):
-        ours = run_ours(overrides, args.steps, args.warmup)
+    variants = {"default": []} | {v: v.split() for v in args.variant}
+    try:
+        for extra in variants.values():
+            config.load(overrides + extra, world_size=1)  # bad overrides fail before any run
+    except PirlError as exc:
+        print(f"pirl bench: {exc}", file=sys.stderr)
+        return exc.exit_code
+    rounds, peer = [], []
+    for _ in range(args.rounds):
+        results = {}
+        for name, extra in variants.items():
+            results[name] = run_ours(overrides + extra, args.steps, args.warmup)
+            if rank == 0:
+                print_table(results[name])
+        rounds.append(results)
         if args.peer:
             cfg, _ = config.load(overrides, world_size=1)
-            peer = run_peer(
-                ours["batch"],
-                args.steps + args.warmup,
-                ours["num_negatives"],
-                cfg.MODEL.TRUNK.RESNETS.DEPTH,
+            first = results["default"]
+            peer.append(
+                run_peer(
+                    first["batch"],
+                    args.steps + args.warmup,
+                    first["num_negatives"],
+                    cfg.MODEL.TRUNK.RESNETS.DEPTH,
+                )
             )
-            ours["peer"] = peer
-            ours["peer_images_per_sec"] = peer["images_per_s"]
-            ours["ratio_vs_peer"] = ours["images_per_sec"] / peer["images_per_s"]
-        rounds.append(ours)
-        print_table(ours)
-    if args.peer and len(rounds) > 1:
-        ratios = [r["ratio_vs_peer"] for r in rounds]
-        print(
-            f"\nours/VISSL over {len(rounds)} alternated rounds: median {statistics.median(ratios):.2f}x ({ratios})"
-        )
+    if rank != 0:
+        return 0
+    rows = summarise(rounds, peer)
+    print_summary(rows, peer)
     if args.json:
-        Path(args.json).write_text(json.dumps(rounds if len(rounds) > 1 else rounds[0], indent=1))
+        Path(args.json).write_text(
+            json.dumps({"summary": rows, "rounds": rounds, "peer": peer}, indent=1)
+        )
     return 0
 
 

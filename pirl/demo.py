@@ -6,7 +6,7 @@ runs the very PyTorchJob it would submit to a cluster (Master + 1 Worker, one CP
 local processes with the operator's environment, `benchmark` evaluates the trained trunk against a
 random-init one. It ends by printing the benchmark table. A few minutes on 2 CPU cores.
 
-    python -m pirl.demo [--output DIR_OR_URL] [--work DIR] [--epochs N]
+    python -m pirl.demo [--output DIR_OR_URL] [--work DIR] [--epochs N] [--train-override K=V ...]
 
 --output takes fsspec URLs too (s3://bucket/demo with AWS_* in the environment): the dataset,
 checkpoints and reports go there. The source images and KFP's local pipeline root stay in --work.
@@ -23,9 +23,12 @@ DEMO_PRESET = "pretrain/pirl/pirl_demo_resnet18"
 DEMO_BENCHMARK = "benchmark/linear_image_classification/demo/eval_resnet18_demo_linear"
 
 
-def demo_arguments(source: str, output: str, epochs: int | None = None) -> dict:
+def demo_arguments(
+    source: str, output: str, epochs: int | None = None, extra: list[str] | None = None
+) -> dict:
     """The run parameters that turn the 4 x 8-GPU defaults into the 2-replica CPU demo."""
     overrides = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else []
+    overrides += extra or []
     return {
         "data_source": source,
         "data_dataset_url": f"{output.rstrip('/')}/dataset",
@@ -68,6 +71,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--epochs", type=int, default=None, help="pretraining epochs (default: the preset's)"
     )
+    parser.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pretraining config override (repeatable), e.g. "
+        "config.LOSS.nce_loss_with_memory.memory_params.dtype=float16",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     from kfp import local
 
     from pipeline.pipeline import pirl_pretrain
-    from pirl import storage
+    from pirl import config, storage
     from pirl.data.demo import write_digits_folder
+    from pirl.errors import PirlError
 
+    try:  # a bad override fails here, before any pipeline step runs
+        config.load([f"config={DEMO_PRESET}", *args.train_override], world_size=2)
+    except PirlError as exc:
+        print(f"pirl demo: {exc}", file=sys.stderr)
+        return exc.exit_code
     work = Path(args.work).resolve()
     output = args.output if "://" in args.output else str(Path(args.output).resolve())
     source = work / "digits"
@@ -88,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kfp").setLevel(logging.WARNING)  # "resources have no effect locally", etc.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"))
     try:
-        run = pirl_pretrain(**demo_arguments(str(source), output, args.epochs))
+        run = pirl_pretrain(**demo_arguments(str(source), output, args.epochs, args.train_override))
     except RuntimeError as exc:
         print(f"pirl demo: the pipeline failed: {exc}", file=sys.stderr)
         return 1

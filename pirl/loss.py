@@ -78,12 +78,11 @@ class NCELossWithMemory(nn.Module):
             neg = torch.randint(0, self.num_samples, (k,), generator=self.generator).to(v.device)
             pos = (self.memory.rows(index) * v).sum(dim=1, keepdim=True)
             return torch.cat([pos, v @ self.memory.rows(neg).t()], dim=1) / t
-        idx = self.sample_negatives(index, k)
-        rows = self.memory.rows(idx)  # B x (K+1) x D, detached
-        return torch.bmm(rows, v.unsqueeze(2)).squeeze(2) / t
+        return self.memory.scores(v, self.sample_negatives(index, k)) / t
 
     def forward(self, outputs: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
+        self.memory.begin_step()
         keep = index != cfg.ignore_index
         index = index[keep]
         total = torch.zeros((), device=index.device)

@@ -6,6 +6,13 @@ and updated with the all-gathered (embedding, index) pairs of every rank:
     m_y <- normalise(momentum * m_y + (1 - momentum) * v)        (momentum weights the OLD row)
 A repeated index in one gathered update (the padded sampler can produce one at an epoch end) is
 resolved deterministically: `last` keeps the last occurrence in rank order, `mean` averages them.
+
+`scores(v, idx)` computes <m_idx[b,k], v_b> for B x (K+1) bank rows without ever holding the
+B x (K+1) x D rows (131 MB per loss term at batch 8 and 32,000 negatives, 0.5 GB at batch 32):
+rows are gathered in cache-sized chunks, and the backward pass gathers them again. Because the
+bank is updated inside the forward pass (after the term is scored), each update keeps the rows
+it overwrote until the next step starts, so the backward pass sees the rows the forward pass
+scored against: the gradient is exactly that of the materialised computation.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 from pirl import dist
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHUNK_ROWS = 8192  # rows gathered at a time by `scores`: 4 MB at D=128 float32, in cache
 
 
 class MemoryBank(nn.Module):
@@ -41,6 +49,12 @@ class MemoryBank(nn.Module):
         if norm_init:
             memory = F.normalize(memory, dim=1)
         self.register_buffer("memory", memory.to(DTYPES[dtype]))
+        # Rows overwritten since the current step began: [(version, indices, old rows)].
+        self.version, self._undo_from, self._undo = 0, 0, []
+
+    def begin_step(self) -> None:
+        """Forget the rows kept for backward passes of the previous step."""
+        self._undo_from, self._undo = self.version, []
 
     def sync(self, mode: str = "broadcast") -> None:
         """Make every rank's replica identical: rank 0's bank, or VISSL's all-reduce average
@@ -58,11 +72,43 @@ class MemoryBank(nn.Module):
             self.memory.index_select(0, index.reshape(-1)).reshape(*index.shape, self.dim).float()
         )
 
+    def _gather(self, embeddings: torch.Tensor, index: torch.Tensor):
+        """One all-gather for both: each int64 index rides as the bits of two float32 columns
+        beside its embedding (a collective only copies bytes, so the bits arrive intact)."""
+        if dist.get_world_size() == 1:
+            return embeddings.detach().float(), index
+        bits = index.to(torch.int64).reshape(-1, 1).view(torch.float32)
+        packed = dist.all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1))
+        return packed[:, : self.dim], packed[:, self.dim :].contiguous().view(torch.int64).reshape(
+            -1
+        )
+
+    def scores(self, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """B x (K+1) dot products of v (B x D) with the bank rows idx (B x (K+1)), float32,
+        differentiable in v, never materialising the B x (K+1) x D rows."""
+        return _BankScores.apply(v, idx, self)
+
+    def _chunks(self, idx: torch.Tensor):
+        step = max(1, CHUNK_ROWS // idx.shape[0])
+        for start in range(0, idx.shape[1], step):
+            cols = idx[:, start : start + step]
+            yield start, self.rows(cols)
+
+    def _rows_as_of(self, version: int, index: torch.Tensor) -> torch.Tensor:
+        """Rows for sorted unique `index` as they were at `version` (within the current step)."""
+        rows = self.rows(index)
+        for at, y, old in reversed(self._undo):  # newest first: the oldest overwrite wins
+            if at < version:
+                break
+            pos = torch.searchsorted(index, y)
+            hit = index[pos.clamp(max=index.numel() - 1)] == y
+            rows[pos[hit]] = old[hit]
+        return rows
+
     @torch.no_grad()
     def update(self, embeddings: torch.Tensor, index: torch.Tensor) -> None:
         """All-gather (embeddings BxD, index B) from every rank and apply the EMA update to the bank."""
-        v = dist.all_gather_cat(embeddings.detach().float())
-        y = dist.all_gather_cat(index)
+        v, y = self._gather(embeddings, index)
         uniq, inverse = torch.unique(y, return_inverse=True)
         if uniq.numel() != y.numel():
             if self.duplicate_update == "mean":
@@ -81,5 +127,42 @@ class MemoryBank(nn.Module):
                 v = v[last]
             y = uniq
         old = self.memory.index_select(0, y).float()
+        self._undo.append((self.version, y, old.clone()))
+        self.version += 1
         new = F.normalize(old.mul_(self.momentum).add_(v, alpha=1 - self.momentum), dim=1)
         self.memory.index_copy_(0, y, new.to(self.memory.dtype))
+
+
+class _BankScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, idx: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
+        ctx.bank, ctx.version = bank, bank.version
+        ctx.save_for_backward(idx)
+        out = v.new_empty(idx.shape, dtype=torch.float32)
+        for start, rows in bank._chunks(idx):
+            out[:, start : start + rows.shape[1]] = torch.bmm(rows, v.unsqueeze(2)).squeeze(2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        bank: MemoryBank = ctx.bank
+        if ctx.version < bank._undo_from:
+            raise RuntimeError(
+                "memory bank scores were differentiated after the next step began; call "
+                "backward() before the loss's next forward()"
+            )
+        grad_v = grad.new_zeros(idx.shape[0], bank.dim)
+        for start, rows in bank._chunks(idx):
+            g = grad[:, start : start + rows.shape[1]]
+            grad_v += torch.bmm(g.unsqueeze(1), rows).squeeze(1)
+        # Rows overwritten after the forward pass: add (row then - row now) for each hit.
+        changed = [y for at, y, _ in bank._undo if at >= ctx.version]
+        if changed:
+            index = torch.unique(torch.cat(changed))
+            delta = bank._rows_as_of(ctx.version, index) - bank.rows(index)
+            hit = torch.isin(idx, index)
+            b, k = hit.nonzero(as_tuple=True)
+            pos = torch.searchsorted(index, idx[b, k])
+            grad_v.index_add_(0, b, grad[b, k, None] * delta[pos])
+        return grad_v, None, None

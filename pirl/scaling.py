@@ -2,7 +2,8 @@
 measured speed of the collectives a step runs.
 
     python -m pirl.scaling --step-seconds 0.30 --batch 32 [--bandwidth-gbs 25 --latency-us 30]
-    python -m pirl.scaling --measure     # measure gloo all-reduce here and check 1 vs 2 ranks
+    python -m pirl.scaling --measure     # measure gloo all-reduce bandwidth here
+    python -m pirl.scaling --validate    # predict 2 local ranks from 1, then measure 2 ranks
 
 Per step every rank runs its forward/backward (t_compute, measured by `pirl bench`), then
   - a ring all-reduce of the gradients: 2 (W-1)/W x P bytes / bandwidth + 2 (W-1) x latency
@@ -90,6 +91,71 @@ def measure_allreduce(nbytes: int, world: int = 2) -> float:
     return out["seconds"]
 
 
+def bench(ranks: int, steps: int, overrides: list[str], independent: bool = False) -> dict:
+    """`pirl bench` on `ranks` local processes of one thread each (the 2-core machine split in
+    two): one DDP job under torchrun, or `independent` single-rank runs side by side (the same
+    contention for cores, caches and memory bandwidth, no communication). Returns the result of
+    rank 0, or of the slower independent run."""
+    import subprocess
+    import tempfile
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"bench{i}.json") for i in range(ranks if independent else 1)]
+        args = ["-m", "pirl.bench", "--steps", str(steps), *overrides]
+        if independent:
+            cmds = [[sys.executable, *args, "--json", out] for out in outs]
+        else:
+            launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
+            cmds = [[*launcher, *args, "--json", outs[0]]]
+        procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
+        for proc, cmd in zip(procs, cmds, strict=True):
+            if proc.wait() != 0:
+                raise SystemExit(f"pirl bench failed (exit {proc.returncode}): {' '.join(cmd)}")
+        results = []
+        for out in outs:
+            with open(out) as f:
+                results.append(json.load(f)["rounds"][0]["default"])
+    return max(results, key=lambda r: r["seconds_per_step"]["median"])
+
+
+def validate(steps: int, overrides: list[str]) -> dict:
+    """Predict the 2-rank DDP step from single-rank steps and the measured all-reduce; measure it.
+
+    Two baselines: one rank alone, and two independent ranks side by side, which adds what the
+    machine's sharing costs (on this CPU both ranks share cores' clocks, caches and memory
+    bandwidth; GPUs in a node do not), so the second prediction tests the communication model
+    alone. Gloo's all-reduce runs on the same cores as the compute, so no overlap is assumed."""
+    alone = bench(1, steps, overrides)
+    side_by_side = bench(2, steps, overrides, independent=True)
+    nbytes = 4 * alone["parameters"]
+    seconds = measure_allreduce(nbytes)
+    bandwidth = nbytes / seconds  # bus bandwidth of a 2-rank ring: 2 (W-1)/W = 1
+    ddp = bench(2, steps, overrides)
+    out = {
+        "allreduce_seconds": seconds,
+        "measured_images_per_sec": ddp["images_per_sec"],
+        "measured_step_seconds": ddp["seconds_per_step"]["median"],
+    }
+    for name, base in (("alone", alone), ("side_by_side", side_by_side)):
+        p = predict(
+            base["seconds_per_step"]["median"],
+            base["phases_median_seconds"]["backward"],
+            base["batch"],
+            2,
+            nbytes,
+            bandwidth,
+            latency=0.0,  # already inside the measured all-reduce
+            overlap=0.0,
+        )
+        out[name] = {
+            "one_rank_step_seconds": base["seconds_per_step"]["median"],
+            "predicted_images_per_sec": p["images_per_sec"],
+            "error": p["images_per_sec"] / ddp["images_per_sec"] - 1,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pirl.scaling", description=__doc__.split("\n\n")[0]
@@ -117,7 +183,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--measure", action="store_true", help="measure gloo all-reduce bandwidth here (2 ranks)"
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="predict 2 local ranks (1 thread each) from a 1-rank pirl bench, then measure them",
+    )
+    parser.add_argument("--steps", type=int, default=5, help="--validate: steps per bench run")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if overrides and not args.validate:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if args.validate:
+        v = validate(args.steps, overrides)
+        print(
+            f"\n2 ranks x 1 thread, DDP (gloo): measured {v['measured_step_seconds']:.3f} s/step, "
+            f"{v['measured_images_per_sec']:.2f} images/s; all-reduce {v['allreduce_seconds']:.3f} s"
+        )
+        for name in ("alone", "side_by_side"):
+            r = v[name]
+            print(
+                f"from 1 rank {name.replace('_', ' ')} ({r['one_rank_step_seconds']:.3f} s/step): "
+                f"predicted {r['predicted_images_per_sec']:.2f} images/s ({100 * r['error']:+.1f}%)"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(v, f, indent=1)
+        return 0
     if args.measure:
         nbytes = int(4 * args.params)
         seconds = measure_allreduce(nbytes)

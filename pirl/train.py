@@ -16,13 +16,12 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from pirl import checkpoint, config, dist, storage
+from pirl import checkpoint, config, dist, precision, storage
 from pirl.data import open_train_data
 from pirl.errors import EXIT_RETRYABLE, EXIT_TERMINATED, DivergedError, PirlError, StorageError
 from pirl.loss import NCELossWithMemory
@@ -101,9 +100,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
         log.info("config: %s", note)
 
     # ============ model, loss, optimizer ============
-    model = build_model(cfg).to(device)
-    if cfg.MODEL.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.place_model(build_model(cfg), cfg.MODEL, device)
     if env.world_size > 1 and cfg.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = NCELossWithMemory(
@@ -115,11 +112,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
         lr=config.lr_at(derived.lr, 0, num_epochs),
         fused=cfg.OPTIMIZER.use_fused and device.type == "cuda",
     )
-    use_amp = cfg.MODEL.AMP_PARAMS.USE_AMP and device.type == "cuda"
-    if cfg.MODEL.AMP_PARAMS.USE_AMP and not use_amp:
-        log.warning("MODEL.AMP_PARAMS.USE_AMP is ignored on CPU (no fast half precision there)")
-    amp_dtype = torch.bfloat16 if cfg.MODEL.AMP_PARAMS.AMP_DTYPE == "bfloat16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
+    scaler = precision.grad_scaler(device, amp_dtype)
 
     # ============ resume ============
     start_epoch, start_step, global_step = 0, 0, 0
@@ -255,12 +249,10 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             lr = config.lr_at(derived.lr, epoch + step / steps_per_epoch, num_epochs)
             set_lr(optimizer, lr)
             index = batch["index"].to(device, non_blocking=True)
-            inputs = {k: batch[k].to(device, non_blocking=True) for k in model.input_keys}
-            if cfg.MODEL.CHANNELS_LAST:
-                inputs = {
-                    k: v.contiguous(memory_format=torch.channels_last) for k, v in inputs.items()
-                }
-            with torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext():
+            inputs = {
+                k: precision.place_input(batch[k], cfg.MODEL, device) for k in model.input_keys
+            }
+            with precision.autocast(device, amp_dtype):
                 outputs = ddp_model(inputs)
             loss = criterion(outputs, index)
             optimizer.zero_grad(set_to_none=True)

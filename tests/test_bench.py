@@ -1,4 +1,5 @@
-"""The benchmark harness runs and reports every figure (a smoke test: no timing is asserted)."""
+"""The benchmark harness and the scaling check run and report every figure (smoke tests: no
+timing is asserted)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,46 @@ import json
 
 import pytest
 
+from pirl import scaling
 from pirl.bench import PHASES, main
 
 pytestmark = pytest.mark.slow
 
+TINY = [
+    "config=pretrain/pirl/pirl_demo_resnet18",
+    "config.DATA.TRAIN.DATA_SOURCES=[synthetic]",
+    "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+    "config.DATA.NUM_DATALOADER_WORKERS=0",
+]
 
-def test_bench_reports_phases_flops_and_efficiency(tmp_path):
+
+def test_bench_reports_phases_flops_and_efficiency_per_variant(tmp_path):
     out = tmp_path / "bench.json"
-    rc = main(
-        [
-            "config=pretrain/pirl/pirl_demo_resnet18",
-            "config.DATA.TRAIN.DATA_SOURCES=[synthetic]",
-            "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
-            "config.DATA.NUM_DATALOADER_WORKERS=0",
-            "--steps=2",
-            "--warmup=1",
-            f"--json={out}",
-        ]
-    )
+    bf16 = "config.MODEL.AMP_PARAMS.USE_AMP=true"
+    rc = main([*TINY, "--steps=2", "--warmup=1", f"--json={out}", f"--variant={bf16}"])
     assert rc == 0
-    result = json.loads(out.read_text())
-    assert set(result["phases_median_seconds"]) == set(PHASES)
-    assert result["batch"] == 4 and result["num_negatives"] == 1024
-    assert result["flops_per_image"] > 0 and result["matmul_peak_flops"] > 0
-    assert 0 < result["efficiency"] < 1.5
+    report = json.loads(out.read_text())
+    assert [row["variant"] for row in report["summary"]] == ["default", bf16]
+    default, amp = report["rounds"][0]["default"], report["rounds"][0][bf16]
+    for result in (default, amp):
+        phases = result["phases_median_seconds"]
+        assert set(phases) == set(PHASES)
+        assert phases["trunk_patches"] > 0 and phases["trunk_images"] > 0  # the forward hooks
+        assert result["batch"] == 4 and result["num_negatives"] == 1024
+        assert result["flops_per_image"] > 0 and result["matmul_peak_flops"] > 0
+        assert 0 < result["efficiency"] < 1.5
+    assert default["autocast"] == "off" and default["matmul_peak_dtype"] == "float32"
+    assert amp["autocast"] == "bfloat16" and amp["matmul_peak_dtype"] == "bfloat16"
+
+
+def test_bench_rejects_a_bad_variant_before_running(capsys):
+    assert main([*TINY, "--variant=config.MODEL.NO_SUCH_KEY=1"]) == 2
+    assert "unknown config key 'config.MODEL.NO_SUCH_KEY'" in capsys.readouterr().err
+
+
+def test_scaling_validation_predicts_two_ranks_from_one():
+    v = scaling.validate(1, TINY)
+    assert v["measured_images_per_sec"] > 0 and v["allreduce_seconds"] > 0
+    for name in ("alone", "side_by_side"):
+        assert v[name]["predicted_images_per_sec"] > 0
+        assert abs(v[name]["error"]) < 1.0  # a sanity bound only: the figure is reported

@@ -201,3 +201,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, digits_fold
     assert a["loss"]["z"] == b["loss"]["z"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def _bank_update_worker(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as tdist
+
+    from pirl.memory import MemoryBank
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    bank = MemoryBank(40, 4, momentum=0.0)  # momentum 0: a row becomes its new embedding
+    index = torch.tensor([3, 17]) if rank == 0 else torch.tensor([38, 5])
+    embeddings = torch.eye(4)[[0, 1]] if rank == 0 else torch.eye(4)[[2, 3]]
+    bank.update(embeddings, index)
+    out[rank] = bank.memory[[3, 17, 38, 5]].clone()
+    tdist.destroy_process_group()
+
+
+def test_bank_update_gathers_every_ranks_pairs():
+    """The one packed all-gather delivers each rank's (embedding, index) pairs intact."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_bank_update_worker, args=(free_port(), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.equal(out[rank], torch.eye(4)), rank

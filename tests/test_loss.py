@@ -177,3 +177,43 @@ def test_half_precision_bank_storage():
     assert bank.memory.dtype == torch.float16
     bank.update(torch.randn(2, 4), torch.tensor([1, 2]))
     assert bank.rows(torch.tensor([1])).dtype == torch.float32
+
+
+def materialised_scores(bank: MemoryBank, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(bank.rows(idx), v.unsqueeze(2)).squeeze(2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_chunked_scores_equal_the_materialised_rows_even_after_bank_updates(monkeypatch, dtype):
+    import pirl.memory
+
+    monkeypatch.setattr(pirl.memory, "CHUNK_ROWS", 64)  # several chunks of a 4 x 301 draw
+    torch.manual_seed(0)
+    bank = MemoryBank(500, 16, momentum=0.5, dtype=dtype)
+    idx = torch.randint(0, 500, (4, 301))
+    idx[:, 0] = torch.tensor([1, 2, 3, 4])
+    idx[0, 5], idx[1, 7], idx[2, 9] = 2, 3, 1  # negatives that this step's updates overwrite
+    v = F.normalize(torch.randn(4, 16), dim=1).requires_grad_()
+    w = torch.randn(4, 301)
+    bank.begin_step()
+    expected = materialised_scores(bank, v, idx)
+    (expected_grad,) = torch.autograd.grad((expected * w).sum(), v)
+    scores = bank.scores(v, idx)
+    assert torch.allclose(scores, expected, atol=1e-6)
+    # Two updates inside the step (as NPID/PIRL make before backward), one touching a row twice.
+    bank.update(torch.randn(4, 16), torch.tensor([1, 2, 3, 4]))
+    bank.update(torch.randn(2, 16), torch.tensor([2, 7]))
+    assert not torch.allclose(materialised_scores(bank, v, idx), expected, atol=1e-3)
+    (grad,) = torch.autograd.grad((scores * w).sum(), v)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
+
+
+def test_backward_after_the_next_step_began_is_refused():
+    bank = MemoryBank(50, 4)
+    v = torch.randn(2, 4, requires_grad=True)
+    bank.begin_step()
+    scores = bank.scores(v, torch.randint(0, 50, (2, 6)))
+    bank.update(torch.randn(2, 4), torch.tensor([0, 1]))
+    bank.begin_step()
+    with pytest.raises(RuntimeError, match="before the loss's next forward"):
+        scores.sum().backward()

@@ -87,3 +87,30 @@ def test_npid_preset_trains(tmp_path, digits_folder, loss_type):
     )
     args[0] = "config=pretrain/npid/npid_demo_resnet18"
     assert train_main(args) == 0
+
+
+def test_bf16_autocast_on_cpu_trains_with_a_float32_bank_and_weights(tmp_path, digits_folder):
+    args = tiny(
+        tmp_path, digits_folder, "config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MAX_STEPS=3"
+    )
+    assert train_main(args) == 0
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps and all(0 < r["loss"] < float("inf") for r in steps)
+    state, _ = checkpoint.load_latest(str(tmp_path))
+    assert state["loss"]["memory.memory"].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+
+
+def test_channels_last_and_contiguous_runs_match(tmp_path, digits_folder):
+    """NHWC is a layout, not a different model: one step agrees to float rounding (later steps
+    amplify rounding chaotically at the demo's LR, so one step is the comparison)."""
+    a, b = tmp_path / "nhwc", tmp_path / "nchw"
+    assert train_main(tiny(a, digits_folder, "config.MAX_STEPS=1")) == 0
+    nchw = tiny(b, digits_folder, "config.MAX_STEPS=1", "config.MODEL.CHANNELS_LAST=false")
+    assert train_main(nchw) == 0
+    sa, _ = checkpoint.load_latest(str(a))
+    sb, _ = checkpoint.load_latest(str(b))
+    for key, value in sb["model"].items():
+        if value.is_floating_point():
+            assert (sa["model"][key] - value).abs().max() <= 1e-4 * value.abs().max() + 1e-7, key
+    assert torch.allclose(sa["loss"]["memory.memory"], sb["loss"]["memory.memory"], atol=1e-5)

@@ -1,14 +1,17 @@
 """Loader throughput, not a test: images/s of the training data paths on this machine.
 
-    python tests/bench/bench_loader.py [--image-size 64] [--workers 2] [--batches 40]
+    python tests/bench/bench_loader.py [--dataset digits|photos] [--preset NAME]
+                                       [--workers 2] [--batches 40] [--batch 32]
 
-Compares, on the bundled demo images (scikit-learn digits upscaled to --image-size px):
+Compares, on generated images (`digits`: scikit-learn digits upscaled to --image-size px, PNG;
+`photos`: 500x375 JPEGs of smooth colour fields with fine noise, ImageNet-like decode cost):
 - `disk_folder`: the ImageFolder read directly (pirl.data.TrainData),
 - `shards (local)`: `pirl prep` shards on local disk (pirl.data.shards.ShardTrainData),
 - `shards (S3)`: the same shards on a local S3 server (moto, started here on 127.0.0.1),
 - `shards (S3 + cache)`: the same, second pass, served from a local cache folder,
-each with the PIRL demo transforms (pirl_demo_resnet18.yaml: 10 views per image, patch collator)
-and without (decode + ToTensor only). All go through pirl.data.open_train_data, as the trainer.
+each with the transforms and collator of --preset (default: the demo's; the seed's
+pretrain/pirl/pirl_jigsaw_4node_resnet50 for the R50 figures: 10 views per image) and without
+(decode + ToTensor only). All go through pirl.data.open_train_data, as the trainer does.
 """
 
 from __future__ import annotations
@@ -22,24 +25,36 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+import numpy as np
+from PIL import Image
 from torchvision import transforms as T
 
-from pirl import prep
+from pirl import config, prep
 from pirl.data import open_train_data
 from pirl.data.demo import write_digits_folder
 from pirl.schema import DataSplit
 from pirl.transforms import build_collator, build_transform, collate_single_view
 
-REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "pirl/configs/config/pretrain/pirl/pirl_demo_resnet18.yaml"
 
-
-def pirl_transform():
-    train = yaml.safe_load(PRESET.read_text())["config"]["DATA"]["TRAIN"]
-    return build_transform(train["TRANSFORMS"]), build_collator(
-        train["COLLATE_FUNCTION"], train["INPUT_KEY_NAMES"]
+def preset_transform(preset: str):
+    cfg, _ = config.load([f"config={preset}"])
+    train = cfg.DATA.TRAIN
+    return build_transform(train.TRANSFORMS), build_collator(
+        train.COLLATE_FUNCTION, train.INPUT_KEY_NAMES
     )
+
+
+def write_photos(root: Path, n: int, classes: int = 4, size=(500, 375), seed: int = 0) -> None:
+    """n JPEGs (quality 90) of upscaled random colour fields plus fine noise, in class folders."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n):
+        folder = root / "train" / f"c{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray((255 * rng.random((h // 16, w // 16, 3))).astype(np.uint8))
+        smooth = np.asarray(coarse.resize((w, h), Image.BILINEAR), dtype=np.int16)
+        noisy = np.clip(smooth + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"{i:06d}.jpg", quality=90)
 
 
 def plain_transform():
@@ -87,15 +102,22 @@ def measure(split: DataSplit, transform, collate, *, workers: int, batches: int)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--dataset", choices=["digits", "photos"], default="digits")
+    p.add_argument("--photos", type=int, default=512, help="images written for --dataset photos")
+    p.add_argument("--preset", default="pretrain/pirl/pirl_demo_resnet18")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=64, help="digits: side in px")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batches", type=int, default=40, help="batches of 32 per measurement")
+    p.add_argument("--batches", type=int, default=40, help="batches per measurement")
     p.add_argument("--shard-size", type=int, default=128)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pirl-bench-loader-"))
     s3, _ = start_s3()
     try:
-        write_digits_folder(str(tmp / "folder"), size=args.image_size)
+        if args.dataset == "digits":
+            write_digits_folder(str(tmp / "folder"), size=args.image_size)
+        else:
+            write_photos(tmp / "folder", args.photos)
         shards = str(tmp / "shards")
         opts = prep.Options(shard_size=args.shard_size, workers=args.workers)
         prep.prep(str(tmp / "folder"), shards, opts)
@@ -115,17 +137,19 @@ def main() -> int:
                 DATA_SOURCES=["shards"], DATA_PATHS=["s3://bench/shards"], CACHE_DIR=cache
             ),
         }
+        what = f"{args.image_size}px digits" if args.dataset == "digits" else "500x375 JPEGs"
         print(
-            f"{args.image_size}px digits, batch 32, {args.workers} worker(s), "
+            f"{what}, {args.preset} transforms, batch {args.batch}, {args.workers} worker(s), "
             f"{args.batches} batches per figure, {os.cpu_count()} CPU(s)"
         )
         print(f"{'source':<22}{'transforms off':>16}{'PIRL transforms':>17}   (images/s)")
+        pirl_transform = preset_transform(args.preset)
         for name, split in sources.items():
-            split.BATCHSIZE_PER_REPLICA = 32
+            split.BATCHSIZE_PER_REPLICA = args.batch
             if name.endswith("cache)"):  # fill the cache first: the figure is a warm epoch
                 measure(split, *plain_transform(), workers=args.workers, batches=10**9)
             off = measure(split, *plain_transform(), workers=args.workers, batches=args.batches)
-            on = measure(split, *pirl_transform(), workers=args.workers, batches=args.batches)
+            on = measure(split, *pirl_transform, workers=args.workers, batches=args.batches)
             print(f"{name:<22}{off:>16.0f}{on:>17.0f}")
     finally:
         s3.terminate()

@@ -1,0 +1,63 @@
+"""Numeric format of the training step: autocast dtype and memory format, shared by the trainer
+and `pirl bench` so that the benchmark measures exactly what training runs.
+
+- `MODEL.AMP_PARAMS.USE_AMP`: the forward pass under torch.autocast in AMP_DTYPE (bfloat16 by
+  default) on GPU and on CPU; the loss, the memory bank and the optimizer stay float32. float16
+  gets a gradient scaler; bfloat16 needs none.
+- `MODEL.CHANNELS_LAST`: model and inputs in NHWC, the layout oneDNN and cuDNN convolve fastest.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from pirl.schema import Model
+
+log = logging.getLogger("pirl")
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(model_cfg: Model, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype, or None for float32 throughout."""
+    amp = model_cfg.AMP_PARAMS
+    if not amp.USE_AMP:
+        return None
+    dtype = AMP_DTYPES[amp.AMP_DTYPE]
+    if device.type == "cpu" and not _cpu_has_fast(dtype):
+        log.warning(
+            "MODEL.AMP_PARAMS.USE_AMP with %s on a CPU without native %s support: the step will "
+            "be slower than float32; set config.MODEL.AMP_PARAMS.USE_AMP=false",
+            amp.AMP_DTYPE,
+            amp.AMP_DTYPE,
+        )
+    return dtype
+
+
+def _cpu_has_fast(dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A loss scaler for float16 (whose gradients underflow); a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def place_model(model: nn.Module, model_cfg: Model, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if model_cfg.CHANNELS_LAST else model
+
+
+def place_input(x: torch.Tensor, model_cfg: Model, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if model_cfg.CHANNELS_LAST else x
