@@ -22,21 +22,25 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from pirl import config, dist, precision
-from pirl.data import open_train_data
+from pirl import config, dist, precision, train
 from pirl.errors import PirlError
-from pirl.loss import NCELossWithMemory
-from pirl.models import build_model
-from pirl.optim import build_optimizer
-from pirl.transforms import build_collator, build_transform
 
-PHASES = ["data", "trunk_patches", "trunk_images", "heads", "loss_memory", "backward", "optimizer"]
+PHASES = [
+    "data",
+    "augment_on_device",
+    "trunk_patches",
+    "trunk_images",
+    "heads",
+    "forward_compiled",  # MODEL.COMPILE: trunks and heads together
+    "loss_memory",
+    "backward",
+    "optimizer",
+]
 PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "vissl" / "run.sh"
 
 
@@ -103,28 +107,15 @@ class Timer:
 
 
 def build(overrides: list[str], env: dist.DistEnv):
-    device = env.device
+    """What the trainer builds (pirl.train's own functions), on synthetic data by default."""
     cfg, _ = config.load(overrides, world_size=env.world_size)
     split = cfg.DATA.TRAIN
     k = cfg.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives
     split.SYNTHETIC_NUM_SAMPLES = max(split.SYNTHETIC_NUM_SAMPLES, k + 1)
-    data = open_train_data(
-        split,
-        build_transform(split.TRANSFORMS),
-        build_collator(split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES),
-        rank=env.rank,
-        world=env.world_size,
-        seed=cfg.SEED_VALUE,
-        num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
-        pin_memory=device.type == "cuda",
-    )
+    data = train.open_data(cfg, env)
     derived = config.derive(cfg, env.world_size, data.num_samples)
-    model = precision.place_model(build_model(cfg), cfg.MODEL, device)
-    criterion = NCELossWithMemory(
-        cfg.LOSS.nce_loss_with_memory, data.num_samples, seed=cfg.SEED_VALUE, rank=env.rank
-    ).to(device)
+    model, criterion, optimizer = train.build_training(cfg, env, data.num_samples, lr=0.01)
     criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
-    optimizer = build_optimizer(model, cfg.OPTIMIZER, lr=0.01)
     return cfg, derived, data, model, criterion, optimizer
 
 
@@ -159,16 +150,14 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
     # float32 convolutions run on tensor cores as tf32 anyway).
     compute_dtype = torch.bfloat16 if device.type == "cuda" else (amp_dtype or torch.float32)
     peak = matmul_peak(device, compute_dtype)
-    flops = count_flops_per_image(model, criterion, next(batches), cfg.MODEL, device)
-    step_model = model
-    if env.world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
-        )
+    augment = train.device_augmentation(cfg, device)
+    first = next(batches)
+    first = augment(first, 0) if augment is not None else first
+    flops = count_flops_per_image(model, criterion, first, cfg.MODEL, device)
+    step_model = train.data_parallel(model, cfg, env)
     timer = Timer(device)
-    timer.watch(model)
+    if not cfg.MODEL.COMPILE:  # hooks would break the compiled graph: time the forward whole
+        timer.watch(model)
     per_step, phases = [], []
     for step in range(warmup + steps):
         timer.times = dict.fromkeys(PHASES, 0.0)
@@ -179,9 +168,15 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
             except StopIteration:
                 batches = data.batches(step + 1)
                 batch = next(batches)
+        if augment is not None:
+            with timer.phase("augment_on_device"):
+                batch = augment(batch, 0)
         index = batch["index"].to(device, non_blocking=True)
         inputs = {k: precision.place_input(batch[k], cfg.MODEL, device) for k in model.input_keys}
-        with precision.autocast(device, amp_dtype):
+        with (
+            timer.phase("forward_compiled") if cfg.MODEL.COMPILE else nullcontext(),
+            precision.autocast(device, amp_dtype),
+        ):
             outputs = step_model(inputs)  # trunk and head phases: timed by the hooks
         with timer.phase("loss_memory"):
             loss = criterion(outputs, index)
@@ -263,7 +258,7 @@ def print_table(result: dict) -> None:
         f"model GFLOP/image {result['flops_per_image'] / 1e9:.2f}, {result['matmul_peak_dtype']} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
         f"limit {result['limit_seconds_per_step']:.3f} s/step, efficiency {100 * result['efficiency']:.1f}%"
     )
-    print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(f"peak RSS of this process so far {result['peak_rss_mb']:.0f} MB")
 
 
 def default_overrides(device_is_gpu: bool) -> list[str]:

@@ -342,6 +342,12 @@ def check(cfg: Config) -> None:
     from pirl.transforms import build_transform  # validates every transform and its params
 
     build_transform(d.TRANSFORMS, f"{dp}.TRANSFORMS")
+    if d.TRANSFORMS_ON_DEVICE:
+        from pirl.device_transforms import build_device_transform
+
+        build_device_transform(
+            d.TRANSFORMS, d.COLLATE_FUNCTION, d.INPUT_KEY_NAMES, f"{dp}.TRANSFORMS"
+        )
 
     check_optimizer(cfg.OPTIMIZER, f"{c}.OPTIMIZER")
 

@@ -93,8 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     from pirl.data.demo import write_digits_folder
     from pirl.errors import PirlError
 
+    arguments = demo_arguments("", "", args.epochs, args.train_override)
+    nodes, procs = arguments["train_num_nodes"], arguments["train_nproc_per_node"]
     try:  # a bad override fails here, before any pipeline step runs
-        config.load([f"config={DEMO_PRESET}", *args.train_override], world_size=2)
+        config.load(
+            [
+                f"config={DEMO_PRESET}",
+                f"config.DISTRIBUTED.NUM_NODES={nodes}",
+                f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
+                *arguments["train_overrides"],
+            ],
+            world_size=nodes * procs,
+        )
     except PirlError as exc:
         print(f"pirl demo: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -72,6 +72,9 @@ class DataSplit:
     SYNTHETIC_IMAGE_SIZE: int = 64  # ours: side of the `synthetic` source's images
     SHUFFLE_BUFFER: int = 1000  # ours: shards source, bounded shuffle buffer per worker
     CACHE_DIR: str = ""  # ours: shards source, local cache folder for remote shards ("" = none)
+    # ours: loader workers hand over undecoded images; decode (nvJPEG on GPU) and TRANSFORMS run
+    # batched on the training device (pirl/device_transforms.py)
+    TRANSFORMS_ON_DEVICE: bool = False
 
 
 @dataclass
@@ -131,6 +134,9 @@ class Model:
     # ours: NHWC activations; oneDNN on CPU and cuDNN on GPU run convolutions faster in it
     # (measured 13% per fp32 R50 step on the 2-core CPU; see README Performance)
     CHANNELS_LAST: bool = True
+    # ours: torch.compile the model's forward/backward (inductor); the first steps compile
+    # (minutes for a ResNet-50), later ones run the fused kernels
+    COMPILE: bool = False
 
 
 @dataclass

@@ -22,12 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 from pirl import checkpoint, config, dist, precision, storage
-from pirl.data import open_train_data
+from pirl.data import open_train_data, sample_seed
 from pirl.errors import EXIT_RETRYABLE, EXIT_TERMINATED, DivergedError, PirlError, StorageError
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
-from pirl.transforms import build_collator, build_transform
+from pirl.transforms import build_collator, build_transform, collate_encoded
 from pirl.weights import export_torchvision
 
 log = logging.getLogger("pirl")
@@ -69,21 +69,83 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
-    root = cfg.CHECKPOINT.DIR
-    device = env.device
-    # ============ data ============
+def open_data(cfg: config.Config, env: dist.DistEnv):
+    """This rank's training data, with the configured transforms and collator (or, with
+    TRANSFORMS_ON_DEVICE, undecoded images for `device_augmentation`)."""
     split = cfg.DATA.TRAIN
-    data = open_train_data(
+    on_device = split.TRANSFORMS_ON_DEVICE
+    return open_train_data(
         split,
-        build_transform(split.TRANSFORMS),
-        build_collator(split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES),
+        None if on_device else build_transform(split.TRANSFORMS),
+        collate_encoded
+        if on_device
+        else build_collator(split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES),
         rank=env.rank,
         world=env.world_size,
         seed=cfg.SEED_VALUE,
         num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
-        pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
+        pin_memory=cfg.DATA.PIN_MEMORY and env.device.type == "cuda",
+        encoded=on_device,
     )
+
+
+def device_augmentation(cfg: config.Config, device: torch.device):
+    """With TRANSFORMS_ON_DEVICE, batch -> batch with the views made on `device` (decode, then the
+    configured transforms, batched; each sample's draws seeded by (seed, epoch, index) as on the
+    CPU path); otherwise None."""
+    split = cfg.DATA.TRAIN
+    if not split.TRANSFORMS_ON_DEVICE:
+        return None
+    from pirl import device_transforms
+
+    transform = device_transforms.build_device_transform(
+        split.TRANSFORMS, split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES
+    )
+
+    def augment(batch: dict, epoch: int) -> dict:
+        encoded = [x for x in batch["encoded"] if x.dim() == 1]
+        decoded = iter(device_transforms.decode(encoded, device) if encoded else [])
+        images = [next(decoded) if x.dim() == 1 else x.to(device) for x in batch["encoded"]]
+        seeds = [sample_seed(cfg.SEED_VALUE, epoch, i) for i in batch["index"].tolist()]
+        return {**transform(images, seeds), "index": batch["index"], "label": batch["label"]}
+
+    return augment
+
+
+def build_training(cfg: config.Config, env: dist.DistEnv, num_samples: int, lr: float):
+    """Model (placed, SyncBN if asked), loss with its memory bank, optimizer: for the trainer and
+    for `pirl bench`, which must time the same thing."""
+    device = env.device
+    model = precision.place_model(build_model(cfg), cfg.MODEL, device)
+    if env.world_size > 1 and cfg.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    criterion = NCELossWithMemory(
+        cfg.LOSS.nce_loss_with_memory, num_samples, seed=cfg.SEED_VALUE, rank=env.rank
+    ).to(device)
+    optimizer = build_optimizer(
+        model, cfg.OPTIMIZER, lr=lr, fused=cfg.OPTIMIZER.use_fused and device.type == "cuda"
+    )
+    return model, criterion, optimizer
+
+
+def data_parallel(model: nn.Module, cfg: config.Config, env: dist.DistEnv) -> nn.Module:
+    """The module a step calls: DDP over the ranks when there are several, then torch.compile
+    if MODEL.COMPILE (compiling DDP lets it split the graph at its gradient buckets)."""
+    step_model = model
+    if env.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
+        )
+    return torch.compile(step_model) if cfg.MODEL.COMPILE else step_model
+
+
+def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
+    root = cfg.CHECKPOINT.DIR
+    device = env.device
+    # ============ data ============
+    data = open_data(cfg, env)
     derived = config.derive(cfg, env.world_size, data.num_samples)  # memory size = dataset length
     steps_per_epoch = data.steps_per_epoch
     num_epochs = cfg.OPTIMIZER.num_epochs
@@ -100,20 +162,12 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
         log.info("config: %s", note)
 
     # ============ model, loss, optimizer ============
-    model = precision.place_model(build_model(cfg), cfg.MODEL, device)
-    if env.world_size > 1 and cfg.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = NCELossWithMemory(
-        cfg.LOSS.nce_loss_with_memory, data.num_samples, seed=cfg.SEED_VALUE, rank=env.rank
-    ).to(device)
-    optimizer = build_optimizer(
-        model,
-        cfg.OPTIMIZER,
-        lr=config.lr_at(derived.lr, 0, num_epochs),
-        fused=cfg.OPTIMIZER.use_fused and device.type == "cuda",
+    model, criterion, optimizer = build_training(
+        cfg, env, data.num_samples, lr=config.lr_at(derived.lr, 0, num_epochs)
     )
     amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
     scaler = precision.grad_scaler(device, amp_dtype)
+    augment = device_augmentation(cfg, device)
 
     # ============ resume ============
     start_epoch, start_step, global_step = 0, 0, 0
@@ -154,13 +208,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     metrics = read_metrics(root, global_step) if env.is_main else []
     unverified = {"check": resumed is not None}  # newer checkpoints than the one resumed from
 
-    ddp_model = model
-    if env.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
-        )
+    ddp_model = data_parallel(model, cfg, env)
 
     def replica_digests() -> dict:
         """sha256 of every rank's memory bank and model parameters: replicas must be bit-identical.
@@ -246,6 +294,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
         )
         for step, batch in enumerate(data.batches(epoch, first), start=first):
             bar.update(1)
+            if augment is not None:
+                batch = augment(batch, epoch)
             lr = config.lr_at(derived.lr, epoch + step / steps_per_epoch, num_epochs)
             set_lr(optimizer, lr)
             index = batch["index"].to(device, non_blocking=True)

@@ -206,6 +206,15 @@ def collate_single_view(input_key: str) -> Callable:
     return collate
 
 
+def collate_encoded(batch: list[tuple[torch.Tensor, int, int]]) -> dict:
+    """Undecoded images (a list: their sizes differ) for TRANSFORMS_ON_DEVICE, with index, label."""
+    return {
+        "encoded": [data for data, _, _ in batch],
+        "index": torch.tensor([idx for _, idx, _ in batch], dtype=torch.long),
+        "label": torch.tensor([lab for _, _, lab in batch], dtype=torch.long),
+    }
+
+
 def build_collator(name: str, input_keys: list[str]) -> Callable:
     if name == "patch_and_image_collator":
         return collate_patches_and_images

@@ -95,3 +95,37 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
+
+
+def plant_checkpoint(checkpoints: Path, step: int, data: bytes) -> None:
+    """Write `data` as checkpoint `step` with a sidecar that matches it, as someone with write
+    access to the store could: the sha256 check passes, only safe loading stands in the way."""
+    import hashlib
+    import json
+
+    name = f"checkpoint-{step:010d}"
+    (checkpoints / f"{name}.pt").write_bytes(data)
+    meta = {
+        "file": f"{name}.pt",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "epoch": step,
+        "step_in_epoch": 0,
+        "global_step": step,
+    }
+    (checkpoints / f"{name}.json").write_text(json.dumps(meta))
+
+
+def npid_tiny(root, data, *extra: str) -> list[str]:
+    """Overrides for a seconds-long NPID run on the demo images (2 steps per epoch)."""
+    return [
+        "config=pretrain/npid/npid_demo_resnet18",
+        "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
+        f"config.DATA.TRAIN.DATA_PATHS=[{data}/train]",
+        "config.DATA.TRAIN.DATA_LIMIT=16",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+        "config.DATA.NUM_DATALOADER_WORKERS=0",
+        "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8",
+        f"config.CHECKPOINT.DIR={root}",
+        *extra,
+    ]

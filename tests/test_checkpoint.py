@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from pirl import checkpoint, storage
+
+from .conftest import plant_checkpoint
 
 
 def state(x: float) -> dict:
@@ -62,23 +65,9 @@ def test_malicious_pickle_is_refused(tmp_path, caplog):
     root = str(tmp_path)
     checkpoint.save(root, state(1), epoch=1, step_in_epoch=0, global_step=1, keep_last=3)
     # a planted checkpoint whose sidecar matches, but whose payload would run code when unpickled
-    import hashlib
-    import io
-    import json
-
     buf = io.BytesIO()
     torch.save({"evil": Boom()}, buf, pickle_module=pickle)
-    data = buf.getvalue()
-    (tmp_path / "checkpoints" / "checkpoint-0000000009.pt").write_bytes(data)
-    meta = {
-        "file": "checkpoint-0000000009.pt",
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "epoch": 9,
-        "step_in_epoch": 0,
-        "global_step": 9,
-    }
-    (tmp_path / "checkpoints" / "checkpoint-0000000009.json").write_text(json.dumps(meta))
+    plant_checkpoint(tmp_path / "checkpoints", 9, buf.getvalue())
     if os.path.exists("/tmp/pirl-pwned"):
         os.remove("/tmp/pirl-pwned")
     with caplog.at_level(logging.WARNING, logger="pirl"):

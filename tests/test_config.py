@@ -293,3 +293,23 @@ def test_missing_dataset_path_is_a_data_error(tmp_path, capsys):
     )
     assert rc == 3
     assert f"{tmp_path}/nope" in capsys.readouterr().err
+
+
+def test_transforms_on_device_accept_the_presets_and_name_what_they_cannot_run():
+    for preset in (
+        "pretrain/pirl/pirl_jigsaw_4node_resnet50",
+        "pretrain/npid/npid_8gpu_resnet",
+        "pretrain/pirl/pirl_demo_resnet18",
+    ):
+        config.load([f"config={preset}", "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true"])
+    gblur = "+config/pretrain/pirl/transforms=photo_gblur"
+    config.load([BASE, gblur, "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true"])
+    with pytest.raises(ConfigError, match="CenterCrop") as exc:
+        config.load(
+            [
+                "config=pretrain/npid/npid_8gpu_resnet",
+                "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true",
+                "config.DATA.TRAIN.TRANSFORMS=[{name:CenterCrop,size:32},{name:ToTensor}]",
+            ]
+        )
+    assert "TRANSFORMS_ON_DEVICE" in str(exc.value)

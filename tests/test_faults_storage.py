@@ -27,24 +27,13 @@ import s3fs
 from pirl.errors import EXIT_DATA, EXIT_STORAGE
 from pirl.train import main as train_main
 
-from .conftest import free_port
+from .conftest import free_port, npid_tiny
 
 SECRET = "FAKE-SECRET-storage-test-7c1d"
 
 
 def tiny(root, data, *extra: str) -> list[str]:
-    return [
-        "config=pretrain/npid/npid_demo_resnet18",
-        "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
-        f"config.DATA.TRAIN.DATA_PATHS=[{data}/train]",
-        "config.DATA.TRAIN.DATA_LIMIT=16",
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
-        "config.DATA.NUM_DATALOADER_WORKERS=0",
-        "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8",
-        "config.OPTIMIZER.num_epochs=1",
-        f"config.CHECKPOINT.DIR={root}",
-        *extra,
-    ]
+    return npid_tiny(root, data, "config.OPTIMIZER.num_epochs=1", *extra)
 
 
 def files(root: Path) -> list[str]:

@@ -274,3 +274,12 @@ def test_markdown_images_are_embedded(tmp_path):
         "# r\n\n![plot](report.png)\n![web](https://x/y.png)\n", str(tmp_path)
     )
     assert "![plot](data:image/png;base64,iVBORw==)" in text and "(https://x/y.png)" in text
+
+
+def test_demo_rejects_a_bad_training_override_before_running(tmp_path, capsys):
+    from pirl.demo import main as demo_main
+
+    rc = demo_main(["--work", str(tmp_path), "--train-override", "config.LOSS.no_such_key=1"])
+    assert rc == 2
+    assert "config.LOSS.no_such_key" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written, no step ran

@@ -16,7 +16,6 @@ test_pod_policy and test_rbac_is_the_launchers_and_namespaced, and tests/test_im
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from pirl import checkpoint, prep
 from pirl.train import main as train_main
 
 from ._images import make_clean_folder
-from .conftest import REPO, subprocess_env
+from .conftest import REPO, npid_tiny, plant_checkpoint, subprocess_env
 
 FAKE = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKEPIRLSECURITY",
@@ -61,36 +60,13 @@ def evil_bytes(marker: Path) -> bytes:
     return buf.getvalue()
 
 
-def tiny(root, data, *extra: str) -> list[str]:
-    return [
-        "config=pretrain/npid/npid_demo_resnet18",
-        "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
-        f"config.DATA.TRAIN.DATA_PATHS=[{data}/train]",
-        "config.DATA.TRAIN.DATA_LIMIT=16",
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
-        "config.DATA.NUM_DATALOADER_WORKERS=0",
-        "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8",
-        f"config.CHECKPOINT.DIR={root}",
-        *extra,
-    ]
-
-
 def test_a_planted_pickle_never_runs(tmp_path, digits_folder, capsys):
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
-    assert train_main(tiny(run, digits_folder, "config.MAX_STEPS=1")) == 0
+    assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=1")) == 0
     data = evil_bytes(marker)
-    (run / "checkpoints" / "checkpoint-0000000009.pt").write_bytes(data)
-    meta = {
-        "file": "checkpoint-0000000009.pt",
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "epoch": 9,
-        "step_in_epoch": 0,
-        "global_step": 9,
-    }
-    (run / "checkpoints" / "checkpoint-0000000009.json").write_text(json.dumps(meta))
-    assert train_main(tiny(run, digits_folder, "config.MAX_STEPS=2")) == 0
+    plant_checkpoint(run / "checkpoints", 9, data)
+    assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=2")) == 0
     out = capsys.readouterr().out
     assert "checkpoint-0000000009.pt cannot be loaded safely" in out
     assert "resumed from checkpoint-0000000001.pt" in out

@@ -295,3 +295,30 @@ def test_the_trainer_opens_shards_through_open_train_data(dataset):
     assert isinstance(data, ShardTrainData)
     assert (data.num_samples, data.steps_per_epoch) == (N_TRAIN, 4)
     assert sum(len(b) for b in indices(data.batches(0))) == 13
+
+
+def test_encoded_mode_hands_over_the_undecoded_images(dataset):
+    """TRANSFORMS_ON_DEVICE: the loader yields each sample's stored bytes (decoded later on the
+    device), in the same order as the decoding path."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    from pirl.transforms import collate_encoded
+
+    plain = list(loader(dataset, num_workers=2).batches(0))
+    raw = list(
+        loader(
+            dataset, num_workers=2, transform=None, collate=collate_encoded, encoded=True
+        ).batches(0)
+    )
+    assert indices(raw) == indices(plain)
+    by_index = {
+        rec.index: rec.image
+        for shard in sorted((dataset / "train").glob("shard-*.tar"))
+        for rec in unpack(shard.open("rb"))
+    }
+    for batch in raw:
+        for data, i in zip(batch["encoded"], batch["index"].tolist(), strict=True):
+            assert data.dtype == torch.uint8 and data.dim() == 1
+            assert bytes(data.numpy()) == by_index[i]
+            image = decode_image(data, mode=ImageReadMode.RGB)
+            assert image.shape[0] == 3

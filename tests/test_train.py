@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -114,3 +115,38 @@ def test_channels_last_and_contiguous_runs_match(tmp_path, digits_folder):
         if value.is_floating_point():
             assert (sa["model"][key] - value).abs().max() <= 1e-4 * value.abs().max() + 1e-7, key
     assert torch.allclose(sa["loss"]["memory.memory"], sb["loss"]["memory.memory"], atol=1e-5)
+
+
+def test_transforms_on_device_train_and_resume_bit_identically(tmp_path, digits_folder):
+    """TRANSFORMS_ON_DEVICE: workers hand over the PNG bytes, the trainer decodes and augments
+    (here on the CPU device); views are seeded per sample, so a resumed run matches."""
+    on_device = "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true"
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert train_main(tiny(straight, digits_folder, on_device)) == 0
+    assert train_main(tiny(resumed, digits_folder, on_device, "config.MAX_STEPS=9")) == 0
+    assert train_main(tiny(resumed, digits_folder, on_device)) == 0
+    a, _ = checkpoint.load_latest(str(straight))
+    b, _ = checkpoint.load_latest(str(resumed))
+    assert torch.equal(a["loss"]["memory.memory"], b["loss"]["memory.memory"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    steps = [r for r in read_jsonl(straight / "metrics.jsonl") if "loss" in r]
+    assert steps and all(0 < r["loss"] < float("inf") for r in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile's CPU backend needs a C++ compiler (apt install g++)",
+)
+def test_compiled_step_matches_the_eager_one(tmp_path, digits_folder):
+    a, b = tmp_path / "eager", tmp_path / "compiled"
+    assert train_main(tiny(a, digits_folder, "config.MAX_STEPS=1")) == 0
+    assert (
+        train_main(tiny(b, digits_folder, "config.MAX_STEPS=1", "config.MODEL.COMPILE=true")) == 0
+    )
+    sa, _ = checkpoint.load_latest(str(a))
+    sb, _ = checkpoint.load_latest(str(b))
+    for key, value in sa["model"].items():
+        if value.is_floating_point():
+            assert (sb["model"][key] - value).abs().max() <= 1e-4 * value.abs().max() + 1e-6, key

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -43,6 +44,11 @@ class SyntheticImages(Dataset):
         ).numpy()
         return Image.fromarray(arr), i % self.num_classes
 
+    def encoded(self, i: int) -> tuple[torch.Tensor, int]:
+        """Already decoded: the image as a uint8 CHW tensor (for TRANSFORMS_ON_DEVICE)."""
+        image, label = self[i]
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), label
+
 
 class FolderImages(Dataset):
     """A local ImageFolder tree (root/<class>/<image>), in torchvision's sorted order."""
@@ -65,6 +71,15 @@ class FolderImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.folder)
+
+    def encoded(self, i: int) -> tuple[torch.Tensor, int]:
+        """The file's bytes, undecoded (for TRANSFORMS_ON_DEVICE: decoded on the device)."""
+        path, label = self.folder.samples[i]
+        try:
+            with open(path, "rb") as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.folder.samples[i]
@@ -98,16 +113,28 @@ def seeded_transform(transform: Callable, image, seed: int, epoch: int, index: i
 
 
 class AugmentedSamples(Dataset):
-    """(transform(image), sample index, label), with the augmentation seeded by (seed, epoch, index)."""
+    """(transform(image), sample index, label), with the augmentation seeded by (seed, epoch, index);
+    or, `encoded`, (the image undecoded, index, label) for augmentation on the training device."""
 
-    def __init__(self, images: Dataset, transform: Callable, seed: int, limit: int = -1):
+    def __init__(
+        self,
+        images: Dataset,
+        transform: Callable | None,
+        seed: int,
+        limit: int = -1,
+        encoded: bool = False,
+    ):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
         self.n = len(images) if limit < 0 else min(limit, len(images))
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
+        if self.encoded:
+            data, label = self.images.encoded(i)
+            return data, i, label
         image, label = self.images[i]
         return seeded_transform(self.transform, image, self.seed, self.epoch, i), i, label
 
@@ -224,9 +251,11 @@ def open_train_data(
     seed: int,
     num_workers: int,
     pin_memory: bool = False,
+    encoded: bool = False,
 ):
     """The training data for this rank: `.num_samples`, `.steps_per_epoch`, `.classes`,
-    `.batches(epoch, start_step)`; the same contract for every source."""
+    `.batches(epoch, start_step)`; the same contract for every source. `encoded`: samples are
+    the undecoded images (transform unused), for decoding and augmenting on the device."""
     if split.DATA_SOURCES[0] == "shards":
         from pirl.data.shards import ShardTrainData
 
@@ -245,8 +274,9 @@ def open_train_data(
             cache_dir=split.CACHE_DIR or None,
             limit=split.DATA_LIMIT,
             pin_memory=pin_memory,
+            encoded=encoded,
         )
-    samples = AugmentedSamples(open_images(split), transform, seed, split.DATA_LIMIT)
+    samples = AugmentedSamples(open_images(split), transform, seed, split.DATA_LIMIT, encoded)
     return TrainData(
         samples,
         rank,

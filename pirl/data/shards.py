@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -52,6 +53,7 @@ class _Reader:
     max_bad_fraction: float
     cache_dir: str | None
     cache_bytes: int
+    encoded: bool = False  # samples are the image bytes, decoded later on the device
 
     def produce(self, wp: plan.WorkerPlan, first: int, epoch: int) -> Iterator:
         batches = wp.batches[first:]
@@ -95,6 +97,8 @@ class _Reader:
     def _sample(self, rec: Record | None, epoch: int):
         if rec is None:
             return None
+        if self.encoded:
+            return torch.frombuffer(bytearray(rec.image), dtype=torch.uint8), rec.index, rec.label
         try:
             with Image.open(io.BytesIO(rec.image)) as img:
                 image = img.convert("RGB")
@@ -271,6 +275,7 @@ class ShardTrainData:
         cache_dir: str | None = None,
         limit: int = -1,
         pin_memory: bool = False,
+        encoded: bool = False,
         max_bad_fraction: float = 0.01,
         interleave: int = DEFAULT_INTERLEAVE,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -301,6 +306,7 @@ class ShardTrainData:
             max_bad_fraction=max_bad_fraction,
             cache_dir=cache_dir or None,
             cache_bytes=cache_bytes,
+            encoded=encoded,
         )
 
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,12 +91,23 @@ def start_s3() -> tuple[subprocess.Popen, str]:
     return proc, endpoint
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(split: DataSplit, transform, collate, *, workers: int, batches: int) -> float:
+    """Steady-state images/s: counted from the first batch on (worker start-up and the first
+    request's latency are a once-per-epoch cost, reported by the trainer's data phase)."""
     data = open_train_data(split, transform, collate, rank=0, world=1, seed=0, num_workers=workers)
-    n, start = 0, time.perf_counter()
+    n, start = 0, 0.0
     for i, batch in enumerate(data.batches(0)):
-        n += len(batch["index"])
-        if i + 1 == batches:
+        if i == 0:
+            start = time.perf_counter()
+        else:
+            n += len(batch["index"])
+        if i == batches:
             break
     return n / (time.perf_counter() - start)
 
@@ -142,18 +154,30 @@ def main() -> int:
             f"{what}, {args.preset} transforms, batch {args.batch}, {args.workers} worker(s), "
             f"{args.batches} batches per figure, {os.cpu_count()} CPU(s)"
         )
-        print(f"{'source':<22}{'transforms off':>16}{'PIRL transforms':>17}   (images/s)")
-        pirl_transform = preset_transform(args.preset)
+        print(
+            f"{'source':<22}{'transforms off':>16}{'PIRL transforms':>17}   (images/s)"
+            f"{'S3 server CPU s':>18}"
+        )
+        pirl_transform, figures = preset_transform(args.preset), {}
         for name, split in sources.items():
             split.BATCHSIZE_PER_REPLICA = args.batch
             if name.endswith("cache)"):  # fill the cache first: the figure is a warm epoch
                 measure(split, *plain_transform(), workers=args.workers, batches=10**9)
             off = measure(split, *plain_transform(), workers=args.workers, batches=args.batches)
+            server = cpu_seconds(s3.pid)
             on = measure(split, *pirl_transform, workers=args.workers, batches=args.batches)
-            print(f"{name:<22}{off:>16.0f}{on:>17.0f}")
+            server = cpu_seconds(s3.pid) - server
+            figures[name] = on
+            print(f"{name:<22}{off:>16.0f}{on:>17.0f}{server:>31.2f}")
+        local = figures["shards (local)"]
+        print(
+            f"with transforms, S3/local: {figures['shards (S3)'] / local:.1%} streamed, "
+            f"{figures['shards (S3 + cache)'] / local:.1%} from the cache"
+        )
     finally:
         s3.terminate()
         s3.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
