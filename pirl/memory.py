@@ -49,12 +49,13 @@ class MemoryBank(nn.Module):
         if norm_init:
             memory = F.normalize(memory, dim=1)
         self.register_buffer("memory", memory.to(DTYPES[dtype]))
-        # Rows overwritten since the current step began: [(version, indices, old rows)].
-        self.version, self._undo_from, self._undo = 0, 0, []
+        # Rows overwritten since the current step began, kept only once `scores` has run in the
+        # step (a backward pass may need them): [(version, indices, old rows)].
+        self.version, self._undo_from, self._undo, self._scored = 0, 0, [], False
 
     def begin_step(self) -> None:
-        """Forget the rows kept for backward passes of the previous step."""
-        self._undo_from, self._undo = self.version, []
+        """Forget the rows kept for backward passes of the previous step (call once per step)."""
+        self._undo_from, self._undo, self._scored = self.version, [], False
 
     def sync(self, mode: str = "broadcast") -> None:
         """Make every rank's replica identical: rank 0's bank, or VISSL's all-reduce average
@@ -86,6 +87,7 @@ class MemoryBank(nn.Module):
     def scores(self, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """B x (K+1) dot products of v (B x D) with the bank rows idx (B x (K+1)), float32,
         differentiable in v, never materialising the B x (K+1) x D rows."""
+        self._scored = True
         return _BankScores.apply(v, idx, self)
 
     def _chunks(self, idx: torch.Tensor):
@@ -127,7 +129,8 @@ class MemoryBank(nn.Module):
                 v = v[last]
             y = uniq
         old = self.memory.index_select(0, y).float()
-        self._undo.append((self.version, y, old.clone()))
+        if self._scored:
+            self._undo.append((self.version, y, old.clone()))
         self.version += 1
         new = F.normalize(old.mul_(self.momentum).add_(v, alpha=1 - self.momentum), dim=1)
         self.memory.index_copy_(0, y, new.to(self.memory.dtype))

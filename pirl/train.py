@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from pirl import checkpoint, config, dist, precision, storage
 from pirl.data import open_train_data, sample_seed
-from pirl.errors import EXIT_RETRYABLE, EXIT_TERMINATED, DivergedError, PirlError, StorageError
+from pirl.errors import (
+    EXIT_RETRYABLE,
+    EXIT_TERMINATED,
+    DataError,
+    DivergedError,
+    PirlError,
+    StorageError,
+)
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
@@ -103,10 +110,17 @@ def device_augmentation(cfg: config.Config, device: torch.device):
     )
 
     def augment(batch: dict, epoch: int) -> dict:
-        encoded = [x for x in batch["encoded"] if x.dim() == 1]
-        decoded = iter(device_transforms.decode(encoded, device) if encoded else [])
-        images = [next(decoded) if x.dim() == 1 else x.to(device) for x in batch["encoded"]]
-        seeds = [sample_seed(cfg.SEED_VALUE, epoch, i) for i in batch["index"].tolist()]
+        indices = batch["index"].tolist()
+        files = [p for p, x in enumerate(batch["encoded"]) if x.dim() == 1]  # else: decoded
+        try:
+            decoded = device_transforms.decode([batch["encoded"][p] for p in files], device)
+        except DataError as exc:
+            samples = [indices[p] for p in files]
+            raise DataError(f"{exc} (the images of the batch are samples {samples})") from None
+        images = [x if x.dim() == 1 else x.to(device) for x in batch["encoded"]]
+        for p, image in zip(files, decoded, strict=True):
+            images[p] = image
+        seeds = [sample_seed(cfg.SEED_VALUE, epoch, i) for i in indices]
         return {**transform(images, seeds), "index": batch["index"], "label": batch["label"]}
 
     return augment

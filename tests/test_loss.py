@@ -217,3 +217,10 @@ def test_backward_after_the_next_step_began_is_refused():
     bank.begin_step()
     with pytest.raises(RuntimeError, match="before the loss's next forward"):
         scores.sum().backward()
+
+
+def test_updates_without_scores_keep_no_rows():
+    bank = MemoryBank(50, 4)
+    for _ in range(100):
+        bank.update(torch.randn(2, 4), torch.tensor([0, 1]))
+    assert bank._undo == []

@@ -150,3 +150,13 @@ def test_compiled_step_matches_the_eager_one(tmp_path, digits_folder):
     for key, value in sa["model"].items():
         if value.is_floating_point():
             assert (sb["model"][key] - value).abs().max() <= 1e-4 * value.abs().max() + 1e-6, key
+
+
+def test_an_undecodable_file_on_device_stops_with_a_data_error(tmp_path, digits_folder, capsys):
+    data = tmp_path / "digits"
+    shutil.copytree(digits_folder, data)
+    first = sorted((data / "train").rglob("*.png"))[0]
+    first.write_bytes(b"\x89PNG not really")
+    args = tiny(tmp_path / "run", data, "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true")
+    assert train_main(args) == 3
+    assert "could not be decoded" in capsys.readouterr().err
