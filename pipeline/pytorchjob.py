@@ -31,6 +31,8 @@ COMMAND = ["python", "-m", "pipeline.torchrun"]
 RESTART_POLICIES = ("ExitCode", "OnFailure", "Never", "Always")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
 GPU_RESOURCE = "nvidia.com/gpu"
+# SIGTERM grace: the longest step (seconds on GPU) + torchrun's 30 s shutdown + margin
+TERMINATION_GRACE_SECONDS = 120
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 RUN_AS_USER = 1000  # must match the USER of the image built from images/Dockerfile
 MAX_NAME = 50  # DNS-1035 allows 63; the operator's per-pod names add "-worker-<i>"
@@ -213,6 +215,9 @@ def build_pytorchjob(
         # The trainer never talks to the API server; a named service account (workload identity
         # for gs:// or s3://) gets its cloud token through its own projected volume.
         automount_service_account_token=False,
+        # SIGTERM stops every rank after the step in flight, then torchrun takes up to 30 s to
+        # shut down: Kubernetes' default 30 s would SIGKILL mid-way (docs/failure-handling.md).
+        termination_grace_period_seconds=TERMINATION_GRACE_SECONDS,
         security_context=k8s.V1PodSecurityContext(
             run_as_non_root=True,
             run_as_user=RUN_AS_USER,

@@ -393,6 +393,7 @@ def test_pod_policy(rendered, kustomization):
         assert meta["labels"]["sidecar.istio.io/inject"] == "false", where
         assert meta["annotations"]["sidecar.istio.io/inject"] == "false", where
         assert pod["automountServiceAccountToken"] is False, where
+        assert pod["terminationGracePeriodSeconds"] >= 65, where  # a step + torchrun's 30 s
         assert pod["securityContext"]["runAsNonRoot"] is True, where
         assert pod["securityContext"]["runAsUser"] > 0, where
         assert not pod.get("hostNetwork") and not pod.get("hostIPC") and not pod.get("hostPID")

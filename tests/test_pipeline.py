@@ -179,6 +179,8 @@ def test_pytorchjob_validates_against_the_crd(shared_dir, nodes, gpus):
         assert c["command"] == ["python", "-m", "pipeline.torchrun"]
         assert {"secretRef": {"name": "pirl-s3-credentials", "optional": True}} in c["envFrom"]
         assert tpl["spec"]["securityContext"]["runAsNonRoot"] is True
+        # a step + torchrun's 30 s shutdown must fit in the grace before SIGKILL
+        assert tpl["spec"]["terminationGracePeriodSeconds"] >= 65
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 604800
 
