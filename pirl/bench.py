@@ -298,17 +298,17 @@ def summarise(rounds: list[dict[str, dict]], peer: list[dict]) -> list[dict]:
     return rows
 
 
-def print_summary(rows: list[dict], peer: list[dict]) -> None:
-    print(f"\nsummary over {len(peer) or 1} round(s), medians:")
-    print(
-        f"{'variant':<48} {'s/step':>7} {'img/s':>6} {'eff.':>10} {'loss+mem':>8} {'vs VISSL':>8}"
-    )
+def print_summary(rows: list[dict], peer: list[dict], rounds: int) -> None:
+    print(f"\nsummary over {rounds} round(s), medians:")
+    width = max(len(r["variant"]) for r in rows)
+    header = f"{'s/step':>7} {'img/s':>6} {'eff.':>10} {'loss+mem':>8} {'vs VISSL':>8}"
+    print(f"{'variant':<{width}} {header}")
     for r in rows:
         short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["matmul_peak_dtype"]]
         eff = f"{100 * r['efficiency']:.0f}% {short}"
         ratio = f"{r['ratio_vs_peer']:.2f}x" if "ratio_vs_peer" in r else "-"
         print(
-            f"{r['variant']:<48} {r['seconds_per_step']:>7.3f} {r['images_per_sec']:>6.2f} "
+            f"{r['variant']:<{width}} {r['seconds_per_step']:>7.3f} {r['images_per_sec']:>6.2f} "
             f"{eff:>10} {100 * r['loss_memory_share']:>7.1f}% {ratio:>8}"
         )
     if peer:
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return 0
     rows = summarise(rounds, peer)
-    print_summary(rows, peer)
+    print_summary(rows, peer, len(rounds))
     if args.json:
         Path(args.json).write_text(
             json.dumps({"summary": rows, "rounds": rounds, "peer": peer}, indent=1)
