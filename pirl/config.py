@@ -9,6 +9,7 @@ schedule, head input sizes, the memory size) is computed in `derive`, and nowher
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -548,6 +549,25 @@ def lr_at(lr: dict, epoch: float, num_epochs: int) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Entry points
+
+
+def override_parser(prog: str, description: str, overrides_help: str) -> argparse.ArgumentParser:
+    """The command line every config-driven entry point shares: Hydra overrides, --dry-run,
+    --world-size (parse with `parse_intermixed_args`, so options may follow the overrides)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the composed config and derived values as YAML, then exit",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="(dry run) check the config against this many processes",
+    )
+    return parser
 
 
 def load(overrides: list[str], world_size: int | None = None) -> tuple[Config, Derived]:

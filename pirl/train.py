@@ -416,28 +416,12 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="pirl train",
-        description="PIRL/NPID pretraining with VISSL's config names, e.g. "
+    return config.override_parser(
+        "pirl train",
+        "PIRL/NPID pretraining with VISSL's config names, e.g. "
         "config=pretrain/pirl/pirl_jigsaw_4node_resnet50 config.OPTIMIZER.num_epochs=100",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="Hydra overrides: config=<preset>, +config/<group>=<file>, config.KEY=VALUE",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the composed config and derived values as YAML, then exit",
-    )
-    parser.add_argument(
-        "--world-size",
-        type=int,
-        default=None,
-        help="(dry run) check the config against this many processes",
-    )
-    return parser.parse_intermixed_args(argv)
+        "Hydra overrides: config=<preset>, +config/<group>=<file>, config.KEY=VALUE",
+    ).parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import sys
 
 from pirl import dist, storage
 from pirl.benchmark import config
+from pirl.config import override_parser
 from pirl.errors import PirlError
 from pirl.train import setup_logging
 
@@ -15,27 +16,13 @@ log = logging.getLogger("pirl")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="pirl benchmark",
-        description="Linear evaluation and kNN of a frozen trunk, e.g. config=benchmark/"
+    return override_parser(
+        "pirl benchmark",
+        "Linear evaluation and kNN of a frozen trunk, e.g. config=benchmark/"
         "linear_image_classification/demo/eval_resnet18_demo_linear "
         "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=runs/pirl_demo/trunk.safetensors",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="Hydra overrides: config=<preset>, config.KEY=VALUE"
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the composed config and derived values as YAML, then exit",
-    )
-    parser.add_argument(
-        "--world-size",
-        type=int,
-        default=None,
-        help="(dry run) check the config against N processes",
-    )
-    return parser.parse_intermixed_args(argv)
+        "Hydra overrides: config=<preset>, config.KEY=VALUE",
+    ).parse_intermixed_args(argv)
 
 
 def _hint(overrides: list[str]) -> str:
