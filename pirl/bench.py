@@ -340,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--peer runs on one process: start pirl bench without torchrun for it")
     overrides = default_overrides(torch.cuda.is_available()) + args.overrides
     variants = {"default": []} | {v: v.split() for v in args.variant}
-    try:
-        for extra in variants.values():
-            config.load(overrides + extra, world_size=1)  # bad overrides fail before any run
+    try:  # bad overrides fail before any run
+        configs = {name: config.load(overrides + extra, 1)[0] for name, extra in variants.items()}
     except PirlError as exc:
         print(f"pirl bench: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -355,14 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 print_table(results[name])
         rounds.append(results)
         if args.peer:
-            cfg, _ = config.load(overrides, world_size=1)
             first = results["default"]
             peer.append(
                 run_peer(
                     first["batch"],
                     args.steps + args.warmup,
                     first["num_negatives"],
-                    cfg.MODEL.TRUNK.RESNETS.DEPTH,
+                    configs["default"].MODEL.TRUNK.RESNETS.DEPTH,
                 )
             )
     if rank != 0:

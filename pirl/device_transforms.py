@@ -90,14 +90,17 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def decode(encoded: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Encoded image files (1-D uint8 CPU tensors) -> uint8 3xHxW RGB images on `device`.
+    Images already decoded (uint8 3xHxW, e.g. the synthetic source's) are only moved.
 
     On CUDA the JPEGs are decoded by nvJPEG in one batched call; other files, or every file
     on another device, are decoded on the CPU and moved.
     """
     device = torch.device(device)
-    decoded: list[torch.Tensor | None] = [None] * len(encoded)
+    decoded: list[torch.Tensor | None] = [
+        to_device(data, device) if data.dim() == 3 else None for data in encoded
+    ]
     if device.type == "cuda":
-        jpegs = [i for i, data in enumerate(encoded) if _is_jpeg(data)]
+        jpegs = [i for i, data in enumerate(encoded) if data.dim() == 1 and _is_jpeg(data)]
         if jpegs:
             for i, image in zip(jpegs, _decode_jpegs_on_gpu(encoded, jpegs, device), strict=True):
                 decoded[i] = image

@@ -111,15 +111,10 @@ def device_augmentation(cfg: config.Config, device: torch.device):
 
     def augment(batch: dict, epoch: int) -> dict:
         indices = batch["index"].tolist()
-        files = [p for p, x in enumerate(batch["encoded"]) if x.dim() == 1]  # else: decoded
         try:
-            decoded = device_transforms.decode([batch["encoded"][p] for p in files], device)
+            images = device_transforms.decode(batch["encoded"], device)
         except DataError as exc:
-            samples = [indices[p] for p in files]
-            raise DataError(f"{exc} (the images of the batch are samples {samples})") from None
-        images = [x if x.dim() == 1 else x.to(device) for x in batch["encoded"]]
-        for p, image in zip(files, decoded, strict=True):
-            images[p] = image
+            raise DataError(f"{exc} (the images of the batch are samples {indices})") from None
         seeds = [sample_seed(cfg.SEED_VALUE, epoch, i) for i in indices]
         return {**transform(images, seeds), "index": batch["index"], "label": batch["label"]}
 

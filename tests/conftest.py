@@ -22,26 +22,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """Start `moto_server` on 127.0.0.1 for the whole session; yields its endpoint URL."""
+def start_moto_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free port of 127.0.0.1, started and answering; (process, URL)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start within 30 s")
+    proc.kill()
+    pytest.fail("moto server did not start within 30 s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Start `moto_server` on 127.0.0.1 for the whole session; yields its endpoint URL."""
+    proc, url = start_moto_server()
     yield url
     proc.terminate()
     proc.wait(timeout=10)

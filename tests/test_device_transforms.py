@@ -42,17 +42,25 @@ PRESETS = {
     ],
     "npid": ["config=pretrain/npid/npid_8gpu_resnet"],
 }
-NO_PHOTOMETRIC_PIRL = [
-    {
-        "name": "ImgPilToPatchesAndImage",
-        "crop_scale_image": [1.0, 1.0],
-        "crop_size_image": 255,
-        "crop_scale_patches": [1.0, 1.0],
-        "crop_size_patches": 255,
-        "patch_jitter": 21,
-    },
-    {"name": "ToTensor"},
-]
+
+
+def whole_image_pirl_spec(crop_size_image: int, *per_view: dict) -> list[dict]:
+    """PIRL views of the whole image (crop scale 1), then `per_view` transforms, then ToTensor."""
+    return [
+        {
+            "name": "ImgPilToPatchesAndImage",
+            "crop_scale_image": [1.0, 1.0],
+            "crop_size_image": crop_size_image,
+            "crop_scale_patches": [1.0, 1.0],
+            "crop_size_patches": 255,
+            "patch_jitter": 21,
+        },
+        *per_view,
+        {"name": "ToTensor"},
+    ]
+
+
+NO_PHOTOMETRIC_PIRL = whole_image_pirl_spec(255)
 PIRL_KEYS = ["patches", "images"]
 
 
@@ -207,18 +215,7 @@ def test_patches_are_contiguous_windows_from_every_cell():
 
 
 def run_per_view_spec(extra: list[dict], image: torch.Tensor) -> torch.Tensor:
-    spec = [
-        {
-            "name": "ImgPilToPatchesAndImage",
-            "crop_scale_image": [1.0, 1.0],
-            "crop_size_image": 64,
-            "crop_scale_patches": [1.0, 1.0],
-            "crop_size_patches": 255,
-            "patch_jitter": 21,
-        },
-        *extra,
-        {"name": "ToTensor"},
-    ]
+    spec = whole_image_pirl_spec(64, *extra)
     t = build_device_transform(spec, "patch_and_image_collator", PIRL_KEYS)
     out = t([image] * 40, list(range(100, 140)))
     return torch.cat([out["images"], out["patches"]])
@@ -463,3 +460,9 @@ def test_sample_crop_follows_torchvision_rules():
         assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
     # impossible aspect ratios fall back to the central crop clipped to the ratio range
     assert sample_crop(100, 400, (1.0, 1.0), (1.0, 1.0), g) == (0, 150, 100, 100)
+
+
+def test_decode_passes_already_decoded_images_through():
+    image = smooth_image(1, 20, 30)
+    out = decode([encoded(to_pil(image), "PNG"), image], torch.device("cpu"))
+    assert torch.equal(out[0], image) and torch.equal(out[1], image)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ import s3fs
 from pirl.errors import EXIT_DATA, EXIT_STORAGE
 from pirl.train import main as train_main
 
-from .conftest import free_port, npid_tiny
+from .conftest import npid_tiny, start_moto_server
 
 SECRET = "FAKE-SECRET-storage-test-7c1d"
 
@@ -141,23 +139,9 @@ def test_a_missing_bucket_is_a_clear_permanent_error(s3_bucket, digits_folder, t
 @pytest.fixture
 def iam_s3(monkeypatch):
     """A local S3 server that checks credentials (it knows none, so every key is unknown)."""
-    port = free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    proc, url = start_moto_server(dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
     for key, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL": url,
         "AWS_ACCESS_KEY_ID": "AKIAFAKESTORAGETEST0",
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
