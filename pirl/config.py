@@ -263,10 +263,12 @@ def check(cfg: Config) -> None:
     for i, head in enumerate(heads):
         hp = f"{c}.MODEL.HEAD.PARAMS[{i}]"
         _require(
-            isinstance(head, list) and head, f"{hp} must be a non-empty list of [name, {{kwargs}}]"
+            isinstance(head, list) and head,
+            f"{hp} must be [name, {{kwargs}}] or a non-empty list of them",
         )
-        for j, module in enumerate(head):
-            mp = f"{hp}[{j}]"
+        single = isinstance(head[0], str)
+        for j, module in enumerate(head_modules(head)):
+            mp = hp if single else f"{hp}[{j}]"
             _require(
                 isinstance(module, list) and len(module) == 2 and isinstance(module[1], dict),
                 f"{mp} must be exactly [name, {{kwargs}}], got {module!r} (a key outside the "
@@ -398,6 +400,12 @@ def check_optimizer(o, op: str) -> None:
         _require(lr.start_value > 0, f"{sp}.start_value must be > 0 for the cosine schedule")
 
 
+def head_modules(head: list) -> list:
+    """The [name, kwargs] modules of one HEAD.PARAMS entry, which VISSL accepts in two forms: a
+    list of modules run in sequence, or a single module ([["mlp", {...}]] as PARAMS)."""
+    return [head] if head and isinstance(head[0], str) else head
+
+
 def output_names(cfg: Config) -> list[str]:
     """Names of the model outputs, in the order loss_weights and update_mem_with_emb_index use."""
     if cfg.MODEL.MULTI_INPUT_HEAD_MAPPING:
@@ -455,7 +463,7 @@ def derive(
     loss = cfg.LOSS.nce_loss_with_memory
     for i, head in enumerate(cfg.MODEL.HEAD.PARAMS):
         dim = out_dim
-        for j, (name, kwargs) in enumerate(head):
+        for j, (name, kwargs) in enumerate(head_modules(head)):
             if name == "mlp":
                 if kwargs["dims"][0] != dim:
                     notes.append(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from pirl.config import TRUNK_DEPTHS, output_names
+from pirl.config import TRUNK_DEPTHS, head_modules, output_names
 from pirl.schema import Config
 
 LAYERS = {
@@ -137,7 +137,7 @@ class SiameseConcatView(nn.Module):
 
 def build_head(spec: list) -> nn.Sequential:
     modules = []
-    for name, kwargs in spec:
+    for name, kwargs in head_modules(spec):
         modules.append(mlp(**kwargs) if name == "mlp" else SiameseConcatView(**kwargs))
     return nn.Sequential(*modules)
 

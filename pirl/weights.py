@@ -4,8 +4,11 @@ Formats `read_trunk_weights` recognises (from the bytes, not the file name):
 - safetensors: a flat state dict (our `trunk.safetensors`, or any torchvision-style export);
 - a `torch.save` of a flat state dict (our `trunk.pt`; a torchvision ResNet's, whose `fc` is dropped);
 - our training checkpoint (`checkpoints/checkpoint-*.pt`): `{"model": {"trunk.<key>": ...}, ...}`;
-- VISSL's checkpoint (spec §6): `classy_state_dict -> base_model -> model -> trunk`, keys prefixed
-  `_feature_blocks.` (the model zoo's PIRL/NPID weights);
+- VISSL's training checkpoint: `classy_state_dict -> base_model -> model -> trunk`, keys prefixed
+  `_feature_blocks.` (or `base_model._feature_blocks.` when saved by a feature-extraction run);
+  the model zoo's PIRL/NPID weights;
+- VISSL's converted-model layout: a top-level `model_state_dict` of trunk weights (the zoo's
+  converted NPID R50, which VISSL loads with STATE_DICT_KEY_NAME=model_state_dict);
 - a run directory (CHECKPOINT.DIR): its `trunk.safetensors`, else `trunk.pt`, else its newest
   complete checkpoint.
 
@@ -22,7 +25,9 @@ import struct
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from pirl import storage
@@ -42,7 +47,7 @@ class TrunkWeights:
     state_dict: dict[str, torch.Tensor]
     url: str  # as given
     resolved_url: str  # the object actually read (differs for a run directory)
-    format: str  # safetensors | torch | checkpoint | vissl
+    format: str  # safetensors | torch | checkpoint | vissl | vissl_converted
     sha256: str  # of the bytes read
 
     def identity(self) -> dict:
@@ -66,6 +71,13 @@ def load_trunk_weights(url: str) -> dict[str, torch.Tensor]:
 
 def read_trunk_weights(url: str) -> TrunkWeights:
     """Like `load_trunk_weights`, with the weights' identity (format, sha256, resolved URL)."""
+    obj, resolved, fmt, sha = read_weights_object(url)
+    state, kind = trunk_state_from(obj, resolved)
+    return TrunkWeights(state, url, resolved, kind or fmt, sha)
+
+
+def read_weights_object(url: str) -> tuple[object, str, str, str]:
+    """(the decoded file, the URL actually read, safetensors | torch, sha256 of its bytes)."""
     if not url:
         raise WeightsError(
             "no trunk weights given: set config.MODEL.WEIGHTS_INIT.PARAMS_FILE to a trunk.safetensors, "
@@ -88,15 +100,10 @@ def read_trunk_weights(url: str) -> TrunkWeights:
         from safetensors.torch import load as load_safetensors
 
         try:
-            obj = load_safetensors(data)
+            return load_safetensors(data), resolved, "safetensors", sha
         except Exception as exc:  # the library raises its own SafetensorError
             raise WeightsError(f"{resolved}: corrupt safetensors file: {exc}") from None
-        fmt = "safetensors"
-    else:
-        obj = safe_torch_load(data, resolved)
-        fmt = "torch"
-    state, kind = trunk_state_from(obj, resolved)
-    return TrunkWeights(state, url, resolved, kind or fmt, sha)
+    return safe_torch_load(data, resolved), resolved, "torch", sha
 
 
 def resolve_weights_url(url: str) -> str:
@@ -149,8 +156,6 @@ def is_safetensors(data: bytes) -> bool:
 
 def _numpy_safe_globals() -> list:
     """numpy types that rebuild arrays and scalars (data only), for checkpoints that hold them."""
-    import numpy as np
-
     core = getattr(np, "_core", None) or np.core
     found = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
     found += [
@@ -198,6 +203,12 @@ def safe_torch_load(data: bytes, source: str):
         ) from None
 
 
+# Prefixes VISSL and DDP put before the torchvision-style trunk names, outermost first: `trunk.`
+# (a whole model's state), `base_model.` (VISSL's feature-extraction trunk), `_feature_blocks.`
+# (VISSL's ResNe(X)t), `module.` (DDP).
+TRUNK_PREFIXES = ("module.", "trunk.", "base_model.", "_feature_blocks.")
+
+
 def trunk_state_from(obj, source: str) -> tuple[dict[str, torch.Tensor], str | None]:
     """(flat trunk state dict with torchvision names, detected container kind or None)."""
     if not isinstance(obj, dict):
@@ -214,6 +225,13 @@ def trunk_state_from(obj, source: str) -> tuple[dict[str, torch.Tensor], str | N
                 )
             node = node[key]
         obj = node
+    elif "model_state_dict" in obj:
+        kind = "vissl_converted"
+        obj = obj["model_state_dict"]
+        if not isinstance(obj, dict):
+            raise WeightsError(
+                f"{source}: model_state_dict is a {type(obj).__name__}, not a state dict"
+            )
     elif isinstance(obj.get("model"), dict) and any(
         str(k).startswith("trunk.") for k in obj["model"]
     ):
@@ -224,19 +242,21 @@ def trunk_state_from(obj, source: str) -> tuple[dict[str, torch.Tensor], str | N
     elif isinstance(obj.get("trunk"), dict):
         obj = obj["trunk"]
     state = {}
-    prefixed = kind != "vissl" and any(
-        str(k).removeprefix("module.").startswith("trunk.") for k in obj
-    )
+    # A whole model's state (trunk + heads): keep only the trunk's entries.
+    whole_model = any(str(k).removeprefix("module.").startswith("trunk.") for k in obj)
     for key, value in obj.items():
         key = str(key).removeprefix("module.")
-        if prefixed:
-            if not key.startswith("trunk."):
-                continue  # heads, loss buffers: not the trunk
-            key = key[len("trunk.") :]
-        if key.startswith("_feature_blocks."):
-            key = key[len("_feature_blocks.") :]
+        if whole_model and not key.startswith("trunk."):
+            continue  # heads, loss buffers: not the trunk
+        if kind == "vissl_converted" and key.startswith("heads."):
+            continue
+        for prefix in TRUNK_PREFIXES:
+            key = key.removeprefix(prefix)
         if key in ("fc.weight", "fc.bias"):
             continue  # a torchvision classifier: the trunk stops at the average pool
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            # converted checkpoints may hold numpy arrays, which VISSL's loader also accepts
+            value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
             raise WeightsError(
                 f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor: "
@@ -345,16 +365,67 @@ def export_torchvision(state: dict[str, torch.Tensor], url: str) -> list[str]:
     return [t for _, t in targets]
 
 
+def vissl_checkpoint(url: str) -> dict:
+    """The weights at `url` as a consolidated VISSL checkpoint: `classy_state_dict -> base_model
+    -> model -> {trunk, heads}`, trunk keys prefixed `_feature_blocks.` (what VISSL's benchmarks
+    load with STATE_DICT_KEY_NAME=classy_state_dict, and its conversion scripts read). Heads come
+    from our training checkpoints (named as VISSL's model names them for the run's HEAD.PARAMS)
+    and VISSL's own; a trunk-only file gets none."""
+    obj, resolved, _, _ = read_weights_object(url)
+    trunk, kind = trunk_state_from(obj, resolved)
+    heads: dict[str, torch.Tensor] = {}
+    if kind == "checkpoint":
+        heads = vissl_head_state(obj["model"], obj.get("config"))
+    elif kind == "vissl":
+        heads = dict(obj["classy_state_dict"]["base_model"]["model"].get("heads") or {})
+    model = {
+        "trunk": {f"_feature_blocks.{k}": v.detach().cpu().contiguous() for k, v in trunk.items()},
+        "heads": heads,
+    }
+    return {"type": "consolidated", "classy_state_dict": {"base_model": {"model": model}}}
+
+
+def vissl_head_state(model_state: dict, config_yaml: str | None) -> dict[str, torch.Tensor]:
+    """Our model's `heads.<i>.<module>.<layer>.*` entries under VISSL's names, without the
+    `heads.` prefix (VISSL adds it when loading): `<i>.<module>.clf.<layer>.*` for a head written
+    as a list of modules, `<i>.clf.<layer>.*` for one written as a single [name, kwargs] module."""
+    single = set()
+    if config_yaml:
+        params = (yaml.safe_load(config_yaml) or {}).get("config", {}).get("MODEL", {})
+        params = params.get("HEAD", {}).get("PARAMS", [])
+        single = {i for i, head in enumerate(params) if head and isinstance(head[0], str)}
+    out = {}
+    for key, value in model_state.items():
+        if not key.startswith("heads."):
+            continue
+        head, module, rest = key[len("heads.") :].split(".", 2)
+        name = f"{head}.clf.{rest}" if int(head) in single else f"{head}.{module}.clf.{rest}"
+        out[name] = value.detach().cpu().contiguous()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pirl.weights SRC DEST`: convert any supported weights (a VISSL checkpoint, a
-    training checkpoint, a run directory) into a torchvision-style trunk at DEST."""
+    """`python -m pirl.weights SRC DEST [--format torchvision|vissl]`: convert any supported
+    weights (a VISSL checkpoint, a training checkpoint, a run directory) into a torchvision-style
+    trunk at DEST, or (--format vissl) into a checkpoint VISSL's tools read."""
     import argparse
 
     from pirl.models import ResNetTrunk
 
     parser = argparse.ArgumentParser(prog="python -m pirl.weights", description=main.__doc__)
     parser.add_argument("src", help="weights URL (any supported format)")
-    parser.add_argument("dest", help="*.safetensors, *.pt, or a folder (both files)")
+    parser.add_argument(
+        "dest",
+        help="torchvision: *.safetensors, *.pt, or a folder (both files); vissl: the file to "
+        "write (VISSL names them *.torch)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("torchvision", "vissl"),
+        default="torchvision",
+        help="torchvision (default): a flat ResNet state dict; vissl: a consolidated VISSL "
+        "checkpoint (trunk and heads)",
+    )
     args = parser.parse_args(argv)
     try:
         weights = read_trunk_weights(args.src)
@@ -364,7 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         depth, width = arch.split()
         trunk = ResNetTrunk(int(depth.split("-")[1]), int(width[1:]))
         apply_trunk_weights(trunk, weights.state_dict, weights.resolved_url)
-        written = export_torchvision(trunk.state_dict(), args.dest)
+        if args.format == "vissl":
+            buf = io.BytesIO()
+            torch.save(vissl_checkpoint(args.src), buf)
+            storage.write_bytes(args.dest, buf.getvalue())
+            written = [args.dest]
+        else:
+            written = export_torchvision(trunk.state_dict(), args.dest)
     except PirlError as exc:
         print(f"pirl.weights: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -331,6 +331,28 @@ def test_end_to_end_missing_weights_fails_cleanly(small_digits, tmp_path, capsys
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("layout", ["model_state_dict", "classy_state_dict"])
+def test_end_to_end_on_vissl_model_zoo_layouts(small_digits, tmp_path, capsys, layout):
+    """VISSL's two zoo layouts run as they are, with no conversion step."""
+    torch.manual_seed(2)
+    trunk = {f"_feature_blocks.{k}": v for k, v in ResNetTrunk(18).state_dict().items()}
+    if layout == "model_state_dict":  # the converted NPID R50's layout
+        ckpt = {"model_state_dict": trunk}
+    else:
+        ckpt = {"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": {}}}}}
+    path = tmp_path / "model_final_checkpoint_phase199.torch"
+    torch.save(ckpt, path)
+    args = digits_args(small_digits, tmp_path, "config.OPTIMIZER.num_epochs=1")
+    args = [a for a in args if "PARAMS_FILE" not in a]
+    args.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={path}")
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    weights = metrics["trunks"]["trained"]["weights"]
+    assert weights["format"] == ("vissl_converted" if layout == "model_state_dict" else "vissl")
+    expected = {k.removeprefix("_feature_blocks."): v for k, v in trunk.items()}
+    assert weights["state_sha256"] == state_digest(expected)
+
+
 # The §4.2 protocol's path: the trunk runs on freshly augmented crops every epoch, and the kNN bank
 # is a separate pass over the train split with the TEST transforms.
 STREAMING = [

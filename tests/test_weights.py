@@ -250,3 +250,126 @@ def test_weights_cli_converts_a_vissl_checkpoint(tmp_path, capsys):
     tv.load_state_dict(load_file(tmp_path / "out" / "trunk.safetensors"), strict=True)
     assert weights_main([str(tmp_path / "missing.pt"), str(tmp_path / "o2")]) == 2
     assert "do not exist" in capsys.readouterr().err
+
+
+# VISSL's converted-model layout (the zoo's converted NPID R50): a top-level `model_state_dict`,
+# which VISSL loads with STATE_DICT_KEY_NAME=model_state_dict and APPEND_PREFIX=trunk.base_model.,
+# so its keys carry VISSL's trunk prefix `_feature_blocks.`.
+def vissl_converted(trunk: torch.nn.Module, prefix: str = "_feature_blocks.") -> dict:
+    return {"model_state_dict": {f"{prefix}{k}": v for k, v in trunk.state_dict().items()}}
+
+
+@pytest.mark.parametrize("prefix", ["_feature_blocks.", "", "module._feature_blocks."])
+def test_vissl_converted_layout_imports_with_identical_features(tmp_path, prefix):
+    trunk = make_trunk(seed=5)
+    path = tmp_path / "converted_vissl_rn18_npid.torch"
+    path.write_bytes(torch_bytes(vissl_converted(trunk, prefix)))
+    weights = read_trunk_weights(str(path))
+    assert weights.format == "vissl_converted"
+    fresh = make_trunk(seed=6)
+    apply_trunk_weights(fresh, weights.state_dict, str(path))
+    assert state_digest(fresh.state_dict()) == state_digest(trunk.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trunk(x))
+
+
+def test_vissl_converted_layout_with_numpy_arrays(tmp_path):
+    trunk = make_trunk(seed=7)
+    arrays = {f"_feature_blocks.{k}": v.numpy() for k, v in trunk.state_dict().items()}
+    path = tmp_path / "np.torch"
+    path.write_bytes(torch_bytes({"model_state_dict": arrays}))
+    weights = read_trunk_weights(str(path))
+    assert state_digest(weights.state_dict) == state_digest(trunk.state_dict())
+
+
+def test_vissl_feature_extractor_trunk_keys(tmp_path):
+    """A checkpoint saved by a VISSL evaluation run: trunk keys `base_model._feature_blocks.`."""
+    trunk = make_trunk(seed=8)
+    ckpt = vissl_checkpoint(trunk)
+    model = ckpt["classy_state_dict"]["base_model"]["model"]
+    model["trunk"] = {f"base_model.{k}": v for k, v in model["trunk"].items()}
+    path = tmp_path / "eval.torch"
+    path.write_bytes(torch_bytes(ckpt))
+    weights = read_trunk_weights(str(path))
+    assert state_digest(weights.state_dict) == state_digest(trunk.state_dict())
+
+
+def test_model_state_dict_that_is_not_a_dict(tmp_path):
+    path = tmp_path / "bad.torch"
+    path.write_bytes(torch_bytes({"model_state_dict": [1, 2]}))
+    with pytest.raises(WeightsError, match="model_state_dict is a list"):
+        load_trunk_weights(str(path))
+
+
+def vissl_model_keys(head_params: list) -> set[str]:
+    """The head keys VISSL's BaseSSLMultiInputOutputModel has for HEAD.PARAMS, linear mlp layers
+    only: a head written as a list of modules is an nn.Sequential of them, a single
+    [name, kwargs] head is the module itself, and its `mlp` holds its layers in `clf`."""
+    keys = set()
+    for i, head in enumerate(head_params):
+        single = isinstance(head[0], str)
+        for j, (name, _) in enumerate([head] if single else head):
+            if name == "mlp":
+                base = f"heads.{i}.clf.0" if single else f"heads.{i}.{j}.clf.0"
+                keys |= {f"{base}.weight", f"{base}.bias"}
+    return keys
+
+
+def as_vissl_loads_it(ckpt: dict) -> dict:
+    """What VISSL's init_model_from_consolidated_weights matches against its model's keys (for
+    STATE_DICT_KEY_NAME=classy_state_dict, a pretraining model): `trunk.` + trunk keys and
+    `heads.` + head keys."""
+    model = ckpt["classy_state_dict"]["base_model"]["model"]
+    return {
+        **{f"trunk.{k}": v for k, v in model["trunk"].items()},
+        **{f"heads.{k}": v for k, v in model["heads"].items()},
+    }
+
+
+@pytest.mark.parametrize("single_form_image_head", [False, True])
+def test_weights_cli_writes_a_vissl_checkpoint(tmp_path, capsys, single_form_image_head):
+    from pirl import config as cfg_mod
+    from pirl.models import build_model
+
+    overrides = [
+        "config=pretrain/pirl/pirl_demo_resnet18",
+        "config.DISTRIBUTED.NUM_NODES=1",
+        "config.DISTRIBUTED.NUM_PROC_PER_NODE=1",
+    ]
+    if single_form_image_head:
+        overrides.append("config.MODEL.HEAD.PARAMS.1=[mlp, {dims: [512, 128]}]")
+    cfg, _ = cfg_mod.load(overrides)
+    model = build_model(cfg)
+    state = {"model": model.state_dict(), "epoch": 1, "config": cfg_mod.dump_yaml(cfg)}
+    url = checkpoint.save(
+        str(tmp_path / "run"), state, epoch=1, step_in_epoch=0, global_step=5, keep_last=1
+    )
+    dest = tmp_path / "model_final_checkpoint_phase0.torch"
+    assert weights_main([url, str(dest), "--format", "vissl"]) == 0
+    assert "-> " + str(dest) in capsys.readouterr().out
+
+    ckpt = torch.load(dest, weights_only=True)
+    assert ckpt["type"] == "consolidated"
+    loaded = as_vissl_loads_it(ckpt)
+    trunk_keys = {f"trunk._feature_blocks.{k}" for k in model.trunk.state_dict()}
+    assert set(loaded) == trunk_keys | vissl_model_keys(cfg.MODEL.HEAD.PARAMS)
+    # The patch head's last linear and the image head, under VISSL's names.
+    last = "heads.1.clf.0.weight" if single_form_image_head else "heads.1.0.clf.0.weight"
+    assert torch.equal(loaded[last], model.heads[1][0][0].weight)
+    assert torch.equal(loaded["heads.0.2.clf.0.weight"], model.heads[0][2][0].weight)
+    # Our own loader reads it back bit-identical.
+    back = read_trunk_weights(str(dest))
+    assert back.format == "vissl"
+    assert state_digest(back.state_dict) == state_digest(model.trunk.state_dict())
+
+
+def test_weights_cli_vissl_format_from_a_trunk_only_file(tmp_path):
+    src = tmp_path / "trunk.safetensors"
+    trunk = make_trunk(seed=9)
+    export_torchvision(trunk.state_dict(), str(src))
+    dest = tmp_path / "out.torch"
+    assert weights_main([str(src), str(dest), "--format", "vissl"]) == 0
+    ckpt = torch.load(dest, weights_only=True)
+    assert ckpt["classy_state_dict"]["base_model"]["model"]["heads"] == {}
+    assert state_digest(load_trunk_weights(str(dest))) == state_digest(trunk.state_dict())

@@ -60,8 +60,9 @@ def _data() -> Data:
 class WeightsInit:
     # The trunk to evaluate (any fsspec URL): trunk.safetensors / trunk.pt (ours or any
     # torchvision-style ResNet), a training checkpoint checkpoints/checkpoint-*.pt, a training run
-    # directory (its trunk.safetensors, else its newest checkpoint), or a VISSL checkpoint
-    # (classy_state_dict -> base_model -> model -> trunk, `_feature_blocks.` keys).
+    # directory (its trunk.safetensors, else its newest checkpoint), or a VISSL model-zoo file in
+    # either layout (classy_state_dict -> base_model -> model -> trunk, or the converted models'
+    # top-level model_state_dict; `_feature_blocks.` keys), with no conversion step.
     PARAMS_FILE: str = ""
     STATE_DICT_KEY_NAME: str = "classy_state_dict"  # VISSL's; the format is detected, not read
 
