@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("pirl.train", "pretrain a PIRL/NPID model (VISSL config names and overrides)"),
     "prep": ("pirl.prep", "turn an image folder into a sharded dataset on any fsspec URL"),
     "benchmark": ("pirl.benchmark", "linear evaluation and kNN of a trained trunk"),
+    "extract": ("pirl.extract", "features of chosen layers for a dataset split (offline kNN/SVM)"),
     "bench": ("pirl.bench", "training throughput benchmark"),
 }
 
