@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -26,6 +27,7 @@ from pirl.errors import ConfigError
 from pirl.schema import Config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+log = logging.getLogger("pirl")
 
 TRUNK_DEPTHS = {
     18: "basic",
@@ -40,7 +42,7 @@ HEAD_MODULES = {
     "mlp": {"dims", "use_bn", "use_relu", "use_dropout", "use_bias", "skip_last_layer_relu_bn"},
     "siamese_concat_view": {"num_towers"},
 }
-DATA_SOURCES = ("disk_folder", "shards", "synthetic")
+DATA_SOURCES = ("disk_folder", "disk_filelist", "shards", "synthetic")
 COLLATORS = ("default_collate", "patch_and_image_collator")
 LR_SCHEDULES = ("cosine", "multistep", "linear", "constant")
 
@@ -490,9 +492,19 @@ def derive(
         loss.memory_params.memory_size = num_train_samples
         k = loss.negative_sampling_params.num_negatives
         if k >= num_train_samples:
+            # Legal in VISSL (negatives are drawn with replacement; its quick_pirl draws 4,096
+            # from 500 images), but every step then scores each row of the bank several times.
+            message = (
+                f"negative_sampling_params.num_negatives={k} >= the dataset's {num_train_samples} "
+                "samples: negatives are drawn with replacement, so each bank row repeats ~"
+                f"{k / num_train_samples:.1f} times per sample"
+            )
+            notes.append(message)
+            log.warning("config: %s", message)
+        if loss.negative_sampling_params.exclude_positive and num_train_samples < 2:
             raise ConfigError(
-                f"config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives={k} must be "
-                f"smaller than the dataset ({num_train_samples} samples)"
+                "config.LOSS.nce_loss_with_memory.negative_sampling_params.exclude_positive needs "
+                f"a dataset of at least 2 samples, got {num_train_samples}"
             )
 
     sched = cfg.OPTIMIZER.param_schedulers.lr

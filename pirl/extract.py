@@ -40,7 +40,7 @@ log = logging.getLogger("pirl")
 
 CONV_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
 LAYERS = (*CONV_LAYERS, "res5avg", "heads")
-SOURCES = ("shards", "disk_folder", "synthetic")
+SOURCES = ("shards", "disk_folder", "disk_filelist", "synthetic")
 MANIFEST = "extract.json"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -58,6 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("output", help="output folder URL (fsspec: a path, s3://, gs://, ...)")
     p.add_argument("--data", required=True, help="dataset URL (as config.DATA.*.DATA_PATHS)")
     p.add_argument("--source", choices=SOURCES, default="shards", help="default: shards")
+    p.add_argument("--labels", default="", help="disk_filelist: the labels' .npy (LABEL_PATHS)")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument(
         "--layers",
@@ -308,6 +309,7 @@ def open_split(args: argparse.Namespace, env: dist.DistEnv):
     split = DataSplit(
         DATA_SOURCES=[args.source],
         DATA_PATHS=[args.data],
+        LABEL_PATHS=[args.labels] if args.labels else [],
         SPLIT=args.split,
         DATA_LIMIT=args.limit,
         BATCHSIZE_PER_REPLICA=args.batch_size,

@@ -53,13 +53,17 @@ class Optimizer:
 class DataSplit:
     DATA_SOURCES: list[str] = field(default_factory=lambda: ["disk_folder"])
     DATASET_NAMES: list[str] = field(default_factory=lambda: ["imagenet1k_folder"])
-    # disk_folder: an ImageFolder root (class sub-folders); shards: a dataset made by `pirl prep`
-    # (its root URL, or its manifest.json); synthetic: unused. Paths may be fsspec URLs.
+    # disk_folder: an ImageFolder root (class sub-folders); disk_filelist: a .npy of image paths
+    # (VISSL's); shards: a dataset made by `pirl prep` (its root URL, or its manifest.json);
+    # synthetic: unused. Paths may be fsspec URLs.
     DATA_PATHS: list[str] = field(default_factory=list)
     DATA_LIMIT: int = -1
     BATCHSIZE_PER_REPLICA: int = 256
     LABEL_TYPE: str = "sample_index"  # sample_index | standard
     LABEL_SOURCES: list[str] = field(default_factory=list)
+    LABEL_PATHS: list[str] = field(default_factory=list)  # disk_filelist: the labels' .npy
+    REMOVE_IMG_PATH_PREFIX: str = ""  # disk_filelist: rewrite this prefix of every image path...
+    NEW_IMG_PATH_PREFIX: str = ""  # ...to this one
     COLLATE_FUNCTION: str = "default_collate"  # default_collate | patch_and_image_collator
     INPUT_KEY_NAMES: list[str] = field(default_factory=lambda: ["data"])
     TARGET_KEY_NAMES: list[str] = field(default_factory=lambda: ["label"])

@@ -184,6 +184,74 @@ def test_demo_presets_compose(capsys):
     assert out["config"]["MODEL"]["HEAD"]["PARAMS"] == [[["mlp", {"dims": [512, 128]}]]]
 
 
+def test_quick_pirl_at_vissls_name(capsys):
+    out = dry_run(capsys, "config=test/integration_test/quick_pirl")
+    cfg = out["config"]
+    assert cfg["DATA"]["TRAIN"]["DATA_LIMIT"] == 500 and cfg["OPTIMIZER"]["num_epochs"] == 2
+    assert loss_of(out)["negative_sampling_params"]["num_negatives"] == 4096
+    assert out["derived"]["world_size"] == 1
+    assert out["derived"]["lr"]["start_value"] == pytest.approx(0.3 * 32 / 256)
+    # 4,096 negatives over its 500 images: legal, as in VISSL
+    built = config.build(config.compose(["config=test/integration_test/quick_pirl"]))
+    config.derive(built, 1, num_train_samples=500)
+
+
+@pytest.mark.parametrize(
+    "model, depth, width, dim",
+    [("resnet50", 50, 1, 2048), ("resnet101", 101, 1, 2048), ("resnet50_w2", 50, 2, 4096)]
+    + [("resnet50_w3", 50, 3, 6144)],
+)
+def test_npid_model_groups(capsys, model, depth, width, dim):
+    out = dry_run(
+        capsys, "config=pretrain/npid/npid_8gpu_resnet", f"+config/pretrain/npid/models={model}"
+    )
+    r = out["config"]["MODEL"]["TRUNK"]["RESNETS"]
+    assert (r["DEPTH"], r["WIDTH_MULTIPLIER"]) == (depth, width)
+    assert out["derived"]["trunk_output_dim"] == dim
+    assert out["config"]["MODEL"]["HEAD"]["PARAMS"] == [["mlp", {"dims": [dim, 128]}]]
+
+
+def test_npid_optimization_groups(capsys):
+    base = ["config=pretrain/npid/npid++_4nodes_resnet"]
+    out = dry_run(capsys, *base, "+config/pretrain/npid/optimizations=bs32_4node_cosineLR")
+    assert out["derived"]["world_size"] == 32 and out["config"]["OPTIMIZER"]["num_epochs"] == 200
+    assert out["derived"]["lr"]["start_value"] == pytest.approx(0.12)
+    assert out["derived"]["lr"]["end_value"] == pytest.approx(0.00012)
+    out = dry_run(capsys, *base, "+config/pretrain/npid/optimizations=bs32_4node_stepLR")
+    assert out["derived"]["lr"]["values"] == pytest.approx([0.12, 0.012, 0.0012])
+    assert out["derived"]["lr"]["milestones"] == [120, 160]
+
+
+def test_single_module_head_form_builds_the_same_model():
+    """VISSL accepts a head as one [name, kwargs] module as well as a list of them."""
+    import torch
+
+    from pirl.models import build_model
+
+    models = []
+    for params in ("[[mlp, {dims: [512, 128]}]]", "[[[mlp, {dims: [512, 128]}]]]"):
+        cfg = config.build(
+            config.compose(
+                ["config=pretrain/npid/npid_demo_resnet18", f"config.MODEL.HEAD.PARAMS={params}"]
+            )
+        )
+        config.derive(cfg)
+        models.append(build_model(cfg))
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(
+        ConfigError, match=r"HEAD.PARAMS\[0\]\[1\].dim='dim' is not supported.*'dims'"
+    ):
+        config.build(
+            config.compose(
+                [
+                    "config=pretrain/npid/npid_demo_resnet18",
+                    "config.MODEL.HEAD.PARAMS=[[mlp, {dim: [512, 128]}]]",
+                ]
+            )
+        )
+
+
 def test_sqrt_and_multistep_scaling():
     cfg = config.build(config.compose(["config=pretrain/npid/npid_8gpu_resnet"]))
     sched = cfg.OPTIMIZER.param_schedulers.lr
@@ -249,12 +317,22 @@ def test_missing_or_unknown_preset():
         config.load(["config=pretrain/pirl/pirl_jigsaw"])
 
 
-def test_num_negatives_must_be_below_dataset_size():
+def test_num_negatives_at_or_above_dataset_size_is_a_warning(caplog):
+    """Legal in VISSL (sampling with replacement): its quick_pirl draws 4,096 from 500 images."""
     cfg = config.build(config.compose(["config=pretrain/pirl/pirl_demo_resnet18"]))
-    with pytest.raises(ConfigError, match="num_negatives=1024 must be smaller than the dataset"):
-        config.derive(cfg, 1, num_train_samples=1000)
+    with caplog.at_level("WARNING", logger="pirl"):
+        derived = config.derive(cfg, 1, num_train_samples=1000)
+    assert "num_negatives=1024 >= the dataset's 1000 samples" in caplog.text
+    assert "with replacement" in caplog.text
+    assert any("num_negatives=1024" in n for n in derived.notes)
+    assert cfg.LOSS.nce_loss_with_memory.memory_params.memory_size == 1000
+    caplog.clear()
     config.derive(cfg, 1, num_train_samples=5000)
+    assert "num_negatives" not in caplog.text
     assert cfg.LOSS.nce_loss_with_memory.memory_params.memory_size == 5000
+    cfg.LOSS.nce_loss_with_memory.negative_sampling_params.exclude_positive = True
+    with pytest.raises(ConfigError, match="exclude_positive needs a dataset of at least 2"):
+        config.derive(cfg, 1, num_train_samples=1)
 
 
 def test_world_size_mismatch_is_an_error():

@@ -2,6 +2,7 @@
 
 Sources (config DATA.TRAIN.DATA_SOURCES):
 - `disk_folder`: an ImageFolder tree on local disk (class sub-folders), VISSL's default;
+- `disk_filelist`: VISSL's .npy lists of image paths and labels (pirl/data/filelist.py);
 - `shards`: a dataset written by `pirl prep` (tar shards + manifest), on any fsspec URL;
 - `synthetic`: deterministic random images, for benchmarks and smoke tests.
 
@@ -221,11 +222,25 @@ class TrainData:
 
 
 def open_images(split: DataSplit) -> Dataset:
-    """A map-style image source (disk_folder or synthetic); raises DataError when unusable."""
+    """A map-style image source (disk_folder, disk_filelist or synthetic); raises DataError when
+    unusable."""
     source = split.DATA_SOURCES[0]
     if source == "synthetic":
         return SyntheticImages(split.SYNTHETIC_NUM_SAMPLES, split.SYNTHETIC_IMAGE_SIZE)
     path = _data_path(split)
+    if source == "disk_filelist":
+        from pirl.data.filelist import FileListImages
+
+        images = FileListImages(
+            path,
+            split.LABEL_PATHS[0] if split.LABEL_PATHS else "",
+            mmap=split.MMAP_MODE,
+            remove_prefix=split.REMOVE_IMG_PATH_PREFIX,
+            new_prefix=split.NEW_IMG_PATH_PREFIX,
+        )
+        if len(images) == 0:
+            raise DataError(f"the image list {path!r} is empty")
+        return images
     images = FolderImages(path)
     if len(images) == 0:
         raise DataError(f"the image folder {path!r} has no images")
