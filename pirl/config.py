@@ -72,6 +72,7 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    refuse_sweeps(overrides)
     ConfigStore.instance().store(
         name=f"{primary}_schema", node={"config": dataclasses.asdict(schema())}
     )
@@ -91,6 +92,28 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
             f"(e.g. config.{extra[0]}=...)"
         )
     return data["config"]
+
+
+def refuse_sweeps(overrides: list[str]) -> None:
+    """A Hydra sweep (`key=a,b`, `key=range(...)`, `key=choice(...)`) asks for several runs, which
+    VISSL's launcher runs one after another; here one command is one run: say so, and how."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except HydraException:
+            continue  # a syntax error: composing reports it
+        if not override.is_sweep_override():
+            continue
+        raise ConfigError(
+            f"{text!r} is a sweep over {override.get_key_element()}: one command is one run here "
+            "(no Hydra multirun, no VISSL sweep_<i>/ folders); start one run per value, each "
+            "with its own config.CHECKPOINT.DIR (a list value is written key=[a,b], a string "
+            "holding a comma is quoted: key='a,b')"
+        )
 
 
 def _explain_compose_error(exc: Exception, overrides: list[str], schema: type = Config) -> str:

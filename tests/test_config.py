@@ -252,6 +252,37 @@ def test_single_module_head_form_builds_the_same_model():
         )
 
 
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        "config.OPTIMIZER.weight_decay=0.001,0.0001",
+        "+config/pretrain/pirl/models=resnet50_w2,resnet50_w4",
+        "config.OPTIMIZER.num_epochs=range(1,3)",
+    ],
+)
+def test_comma_sweeps_say_multirun_is_unsupported(capsys, sweep):
+    assert train_main([BASE, sweep, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    key = sweep.split("=")[0]
+    assert f"is a sweep over {key}" in err and "one run per value" in err
+    assert "unknown config key" not in err
+
+
+def test_lists_and_quoted_commas_are_not_sweeps(capsys):
+    out = dry_run(capsys, BASE, "config.DATA.TRAIN.DATA_PATHS=[/a,/b]")
+    assert out["config"]["DATA"]["TRAIN"]["DATA_PATHS"] == ["/a", "/b"]
+    out = dry_run(capsys, BASE, "config.CHECKPOINT.DIR='runs/a,b'")
+    assert out["config"]["CHECKPOINT"]["DIR"] == "runs/a,b"
+
+
+def test_benchmark_refuses_sweeps_too(capsys):
+    from pirl.benchmark import main as bench_main
+
+    preset = "config=benchmark/linear_image_classification/demo/eval_resnet18_demo_linear"
+    assert bench_main([preset, "config.OPTIMIZER.weight_decay=0.1,0.2", "--dry-run"]) == 2
+    assert "is a sweep over config.OPTIMIZER.weight_decay" in capsys.readouterr().err
+
+
 def test_sqrt_and_multistep_scaling():
     cfg = config.build(config.compose(["config=pretrain/npid/npid_8gpu_resnet"]))
     sched = cfg.OPTIMIZER.param_schedulers.lr
