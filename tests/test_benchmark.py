@@ -353,6 +353,49 @@ def test_end_to_end_on_vissl_model_zoo_layouts(small_digits, tmp_path, capsys, l
     assert weights["state_sha256"] == state_digest(expected)
 
 
+def test_low_shot_subset_is_a_seeded_per_class_fraction():
+    from pirl.benchmark.lowshot import per_class_subset
+
+    labels = [i % 4 for i in range(400)] + [4, 4, 4]  # 100 of each class 0..3, 3 of class 4
+    chosen = per_class_subset(labels, 0.1, seed=0)
+    counts = [sum(labels[i] == c for i in chosen) for c in range(5)]
+    assert counts == [10, 10, 10, 10, 1]  # at least one image of every class
+    assert chosen == sorted(chosen) == per_class_subset(labels, 0.1, seed=0)
+    assert chosen != per_class_subset(labels, 0.1, seed=1)
+    # a class's draw depends only on (seed, class): other classes do not move it
+    fewer = per_class_subset(labels[:400], 0.1, seed=0)
+    assert [i for i in chosen if labels[i] == 2] == [i for i in fewer if labels[i] == 2]
+
+
+def test_low_shot_end_to_end(small_digits, tmp_path):
+    args = digits_args(
+        small_digits,
+        tmp_path,
+        "config.OPTIMIZER.num_epochs=1",
+        "config.LOW_SHOT.FRACTION=0.25",
+        "config.LOW_SHOT.SEED=3",
+    )
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    train = metrics["dataset"]["train"]
+    assert train["num_samples"] == 30  # 3 of each class's 12
+    assert train["low_shot"] == {"fraction": 0.25, "seed": 3}
+    assert metrics["dataset"]["val"]["num_samples"] == 50  # validation stays whole
+
+
+def test_low_shot_values_are_checked():
+    cfg, _ = load(
+        [DEMO, "config.LOW_SHOT.FRACTION=0.1", "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]"]
+    )
+    cfg.LOW_SHOT.FRACTION = 0
+    with pytest.raises(ConfigError, match=r"LOW_SHOT.FRACTION must be in \(0, 1\]"):
+        check(cfg)
+    cfg.LOW_SHOT.FRACTION = 0.1
+    cfg.DATA.TRAIN.DATA_SOURCES = ["shards"]
+    with pytest.raises(ConfigError, match="pirl prep"):
+        check(cfg)
+
+
 # The §4.2 protocol's path: the trunk runs on freshly augmented crops every epoch, and the kNN bank
 # is a separate pass over the train split with the TEST transforms.
 STREAMING = [

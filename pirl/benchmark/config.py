@@ -133,6 +133,14 @@ def check(cfg: BenchmarkConfig) -> None:
     )
     _require(k.TEMPERATURE > 0, f"{c}.KNN.TEMPERATURE must be > 0, got {k.TEMPERATURE}")
     _one_of(f"{c}.KNN.FEATURE", k.FEATURE, FEATURES)
+    fraction = cfg.LOW_SHOT.FRACTION
+    _require(0 < fraction <= 1, f"{c}.LOW_SHOT.FRACTION must be in (0, 1], got {fraction}")
+    _require(
+        fraction == 1 or cfg.DATA.TRAIN.DATA_SOURCES[0] != "shards",
+        f"{c}.LOW_SHOT.FRACTION={fraction} needs each train sample's label up front, which a "
+        "sharded dataset does not give: use DATA.TRAIN.DATA_SOURCES=[disk_folder] or "
+        "[disk_filelist], or make the subset a dataset of its own (`pirl prep` from a list file)",
+    )
 
     d = cfg.DISTRIBUTED
     _require(d.NUM_NODES >= 1, f"{c}.DISTRIBUTED.NUM_NODES must be >= 1")

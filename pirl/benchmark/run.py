@@ -26,6 +26,7 @@ from pirl.benchmark.features import FeatureExtractor, extract, freeze, run_batch
 from pirl.benchmark.heads import build_heads
 from pirl.benchmark.knn import knn_evaluate, topk_correct
 from pirl.benchmark.linear import CachedTrainFeatures, ProtocolError, train_heads
+from pirl.benchmark.lowshot import low_shot
 from pirl.benchmark.schema import BenchmarkConfig
 from pirl.data import open_train_data
 from pirl.errors import ConfigError, DataError
@@ -58,6 +59,13 @@ class Context:
 
 
 def open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):
+    data = _open_split(cfg, split, env, transforms)
+    if split is cfg.DATA.TRAIN and cfg.LOW_SHOT.FRACTION < 1:
+        data = low_shot(data, cfg.LOW_SHOT.FRACTION, cfg.LOW_SHOT.SEED, split.DATA_SOURCES[0])
+    return data
+
+
+def _open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):
     return open_train_data(
         split,
         build_transform(transforms),
@@ -311,7 +319,10 @@ def benchmark(cfg: BenchmarkConfig, derived: BenchDerived, env: dist.DistEnv) ->
         "headline": top,
         "trunks": trunks,
         "dataset": {
-            "train": split_info(cfg.DATA.TRAIN, ctx.train),
+            "train": {
+                **split_info(cfg.DATA.TRAIN, ctx.train),
+                "low_shot": {"fraction": cfg.LOW_SHOT.FRACTION, "seed": cfg.LOW_SHOT.SEED},
+            },
             "val": split_info(cfg.DATA.TEST, ctx.val),
             "num_classes": ctx.num_classes,
             "classes": list(ctx.train.classes),

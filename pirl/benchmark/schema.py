@@ -141,6 +141,12 @@ class Knn:  # ours: weighted kNN on L2-normalised features (NPID, Wu et al. 2018
 
 
 @dataclass
+class LowShot:  # ours: VISSL's 1% / 10% benchmarks as a seeded per-class fraction (lowshot.py)
+    FRACTION: float = 1.0  # of each class of the train split kept for the heads and kNN bank
+    SEED: int = 0  # which images: the same for a given (SEED, class) on every rank and run
+
+
+@dataclass
 class BenchmarkConfig:
     VERBOSE: bool = False
     LOG_FREQUENCY: int = 100  # steps between log lines of the linear training
@@ -150,6 +156,7 @@ class BenchmarkConfig:
     MODEL: BenchmarkModel = field(default_factory=BenchmarkModel)
     OPTIMIZER: Optimizer = field(default_factory=_optimizer)
     KNN: Knn = field(default_factory=Knn)
+    LOW_SHOT: LowShot = field(default_factory=LowShot)
     DISTRIBUTED: Distributed = field(default_factory=Distributed)
     OUTPUT_DIR: str = "./runs/benchmark"  # ours: metrics.json and the reports go here (fsspec URL)
     PRETRAIN_METRICS: str = ""  # ours: the pretraining run's metrics.jsonl (loss curve); '' = none
