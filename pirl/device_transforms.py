@@ -672,9 +672,16 @@ def _crop_stage(
         if not input_keys:
             raise ConfigError(f"INPUT_KEY_NAMES must name the input key with {collate_function}")
         if not isinstance(first, T.RandomResizedCrop):
+            jitter_first = (
+                "; VISSL's NPID presets jitter the whole image before the crop (its contrast "
+                "uses the whole image's mean), which runs only on the CPU path: set "
+                f"{CONFIG_KEY}=false, or list RandomResizedCrop first"
+                if isinstance(first, T.ColorJitter)
+                else ""
+            )
             raise ConfigError(
                 f"{where}[0] must be RandomResizedCrop with {collate_function} and {CONFIG_KEY}=true "
-                f"(the images differ in size and are batched after the crop)"
+                f"(the images differ in size and are batched after the crop){jitter_first}"
             )
         return ImageCrop(first)
     raise ConfigError(

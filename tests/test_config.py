@@ -283,6 +283,16 @@ def test_benchmark_refuses_sweeps_too(capsys):
     assert "is a sweep over config.OPTIMIZER.weight_decay" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preset", ["npid_8gpu_resnet", "npid++_4nodes_resnet"])
+def test_npid_transforms_in_vissls_order(capsys, preset):
+    """ColorJitter on the whole image, then RandomResizedCrop, as VISSL's NPID presets."""
+    out = dry_run(capsys, f"config=pretrain/npid/{preset}")
+    names = [t["name"] for t in out["config"]["DATA"]["TRAIN"]["TRANSFORMS"]]
+    assert names == ["ColorJitter", "RandomResizedCrop", "RandomHorizontalFlip", "ToTensor"] + [
+        "Normalize"
+    ]
+
+
 def test_sqrt_and_multistep_scaling():
     cfg = config.build(config.compose(["config=pretrain/npid/npid_8gpu_resnet"]))
     sched = cfg.OPTIMIZER.param_schedulers.lr
@@ -407,10 +417,15 @@ def test_missing_dataset_path_is_a_data_error(tmp_path, capsys):
 def test_transforms_on_device_accept_the_presets_and_name_what_they_cannot_run():
     for preset in (
         "pretrain/pirl/pirl_jigsaw_4node_resnet50",
-        "pretrain/npid/npid_8gpu_resnet",
+        "pretrain/npid/npid_demo_resnet18",
         "pretrain/pirl/pirl_demo_resnet18",
     ):
         config.load([f"config={preset}", "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true"])
+    # VISSL's NPID order (ColorJitter on the whole image, then the crop) is CPU-only.
+    with pytest.raises(ConfigError, match="jitter the whole image before the crop"):
+        config.load(
+            ["config=pretrain/npid/npid_8gpu_resnet", "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true"]
+        )
     gblur = "+config/pretrain/pirl/transforms=photo_gblur"
     config.load([BASE, gblur, "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true"])
     with pytest.raises(ConfigError, match="CenterCrop") as exc:

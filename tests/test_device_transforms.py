@@ -40,7 +40,14 @@ PRESETS = {
         "config=pretrain/pirl/pirl_jigsaw_4node_resnet50",
         "+config/pretrain/pirl/transforms=photo_gblur",
     ],
-    "npid": ["config=pretrain/npid/npid_8gpu_resnet"],
+    # VISSL's NPID order (ColorJitter before the crop) is CPU-only; the device path runs the
+    # crop first.
+    "npid": [
+        "config=pretrain/npid/npid_8gpu_resnet",
+        "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 224}, {name: ColorJitter,"
+        " brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.4}, {name: RandomHorizontalFlip},"
+        " {name: ToTensor}, {name: Normalize, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}]",
+    ],
 }
 
 
