@@ -42,6 +42,7 @@ HEAD_MODULES = {
     "mlp": {"dims", "use_bn", "use_relu", "use_dropout", "use_bias", "skip_last_layer_relu_bn"},
     "siamese_concat_view": {"num_towers"},
 }
+HEAD_FEATURES = ("flatten", "res5avg")  # trunk features a head may read (both: pooled res5)
 DATA_SOURCES = ("disk_folder", "disk_filelist", "shards", "synthetic")
 COLLATORS = ("default_collate", "patch_and_image_collator")
 LR_SCHEDULES = ("cosine", "multistep", "linear", "constant")
@@ -330,6 +331,12 @@ def check(cfg: Config) -> None:
                 isinstance(entry, list) and len(entry) == 2 and entry[0] in keys,
                 f"{c}.MODEL.MULTI_INPUT_HEAD_MAPPING[{i}] must be [input_key, [feature]] with input_key in "
                 f"DATA.TRAIN.INPUT_KEY_NAMES {keys}, got {entry!r}",
+            )
+            _require(
+                isinstance(entry[1], list) and len(entry[1]) == 1 and entry[1][0] in HEAD_FEATURES,
+                f"{c}.MODEL.MULTI_INPUT_HEAD_MAPPING[{i}] feature {entry[1]!r} is not supported: "
+                "every head reads the trunk's pooled res5 output, which VISSL names flatten (or "
+                "res5avg, the same values); use [flatten]",
             )
     else:
         _require(

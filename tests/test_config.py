@@ -293,6 +293,25 @@ def test_npid_transforms_in_vissls_order(capsys, preset):
     ]
 
 
+@pytest.mark.parametrize("feature", ["res4", "conv1"])
+def test_head_mapping_features_other_than_flatten_are_refused(feature):
+    mapping = f"config.MODEL.MULTI_INPUT_HEAD_MAPPING=[[patches, [flatten]], [images, [{feature}]]]"
+    with pytest.raises(
+        ConfigError, match=rf"MULTI_INPUT_HEAD_MAPPING\[1\] feature \['{feature}'\]"
+    ):
+        config.load([BASE, mapping])
+    with pytest.raises(ConfigError, match="use \\[flatten\\]"):
+        config.load(
+            [
+                BASE,
+                "config.MODEL.MULTI_INPUT_HEAD_MAPPING=[[patches, [flatten, res4]], [images, [flatten]]]",
+            ]
+        )
+    config.load(
+        [BASE, "config.MODEL.MULTI_INPUT_HEAD_MAPPING=[[patches, [res5avg]], [images, [flatten]]]"]
+    )
+
+
 def test_sqrt_and_multistep_scaling():
     cfg = config.build(config.compose(["config=pretrain/npid/npid_8gpu_resnet"]))
     sched = cfg.OPTIMIZER.param_schedulers.lr
