@@ -128,6 +128,25 @@ def tiny_setup():
     return trunk, extractor, data, heads, notes, knn
 
 
+def test_heads_are_initialised_as_vissls_benchmark_heads():
+    """PyTorch's default Linear init (VISSL's MLP keeps it), scaled by HEAD.PARAMS_MULTIPLIER,
+    each head under the same seed SEED_VALUE: two heads of one shape start identical."""
+    params = [["eval_mlp", {"in_channels": 64, "dims": [256, 10]}]] * 2
+    params += [["mlp", {"dims": [256, 10]}]]
+    shapes = [torch.Size([64, 2, 2])] * 2 + [torch.Size([256])]
+    heads, _ = build_heads(params, shapes, 10, seed=1)
+    torch.manual_seed(1)
+    reference = torch.nn.Linear(256, 10)
+    for head in heads.heads:
+        assert torch.equal(head.clf.weight, reference.weight)
+        assert torch.equal(head.clf.bias, reference.bias)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) and the bias both give 1/sqrt(fan_in)
+    assert heads.heads[0].clf.weight.abs().max() <= bound
+    assert heads.heads[0].clf.weight.std() > 0.5 * bound / math.sqrt(3)  # not N(0, 0.01)
+    scaled, _ = build_heads(params, shapes, 10, seed=1, params_multiplier=0.5)
+    assert torch.equal(scaled.heads[2].clf.weight, 0.5 * reference.weight)
+
+
 def test_protocol_only_heads_train_and_the_trunk_is_untouched():
     trunk, extractor, data, heads, notes, knn = tiny_setup()
     assert knn.shape == (16, 512)

@@ -159,7 +159,13 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
         trunk, fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP, cfg.KNN.FEATURE if cfg.KNN.ENABLED else None
     ).to(device)
     shapes, knn_dim = probe_shapes(extractor, ctx.train, ctx)
-    heads, notes = build_heads(cfg.MODEL.HEAD.PARAMS, shapes, ctx.num_classes, cfg.SEED_VALUE)
+    heads, notes = build_heads(
+        cfg.MODEL.HEAD.PARAMS,
+        shapes,
+        ctx.num_classes,
+        cfg.SEED_VALUE,
+        cfg.MODEL.HEAD.PARAMS_MULTIPLIER,
+    )
     for note in notes:
         log.info("[%s] config: %s", label, note)
     heads = heads.to(device)
