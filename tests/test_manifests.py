@@ -44,6 +44,9 @@ EXPECTED_OVERLAYS = {
     "overlays/elastic",
     "overlays/kfp/standalone",
     "overlays/kfp/multi-user",
+    "trainjob/overlays/1gpu",
+    "trainjob/overlays/8gpu",
+    "trainjob/overlays/4node",
 }
 JOB_KUSTOMIZATIONS = [
     "base",
@@ -58,6 +61,9 @@ JOB_KUSTOMIZATIONS = [
 LAUNCHER_RULES = {
     *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")),
     ("kubeflow.org", "pytorchjobs/status", "get"),
+    *(("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "delete")),
+    *(("trainer.kubeflow.org", "trainingruntimes", v) for v in ("create", "delete")),
+    ("jobset.x-k8s.io", "jobsets", "get"),
     *(("", "pods", v) for v in ("get", "list", "watch")),
     ("", "pods/log", "get"),
     ("", "events", "list"),
