@@ -73,10 +73,12 @@ def train(
     clean_pod_policy: str,
     delete_job: str,
     launcher: str,
+    backend: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Pretrain as a PyTorchJob (on the cluster, or as local processes); Model + Metrics out."""
+    """Pretrain as a PyTorchJob or a TrainJob (on the cluster, or as local processes); Model +
+    Metrics out."""
     from pipeline import steps
 
     steps.train(
@@ -108,6 +110,7 @@ def train(
         clean_pod_policy=clean_pod_policy,
         delete_job=delete_job,
         launcher=launcher,
+        backend=backend,
     )
 
 

@@ -1,4 +1,4 @@
-"""The `pirl-pretrain` pipeline: prep -> train (a PyTorchJob) -> benchmark.
+"""The `pirl-pretrain` pipeline: prep -> train (a PyTorchJob or a TrainJob) -> benchmark.
 
 The defaults reproduce the seed's main command, `config=pretrain/pirl/pirl_jigsaw_4node_resnet50`
 on 4 nodes x 8 GPUs, on an ImageNet-style folder in S3. Run parameters are prefixed by the step
@@ -38,7 +38,7 @@ def build_pipeline(image: str = IMAGE):
     """The `pirl-pretrain` pipeline function, its components (and `train_image`) on `image`."""
     c = make_components(image)
 
-    @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob, benchmark")
+    @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob/TrainJob, benchmark")
     def pirl_pretrain(
         data_source: str = "s3://pirl/raw/imagenet1k",
         data_dataset_url: str = "s3://pirl/datasets/imagenet1k",
@@ -73,6 +73,7 @@ def build_pipeline(image: str = IMAGE):
         train_clean_pod_policy: str = "Running",
         train_delete_job: str = "on_success",
         train_launcher: str = "auto",
+        train_backend: str = "pytorchjob",
         bench_config: str = "benchmark/linear_image_classification/imagenet1k/eval_resnet_8gpu_transfer_in1k_linear",
         bench_overrides: list = [],  # noqa: B006
         bench_baseline_random: bool = False,
@@ -80,7 +81,7 @@ def build_pipeline(image: str = IMAGE):
         bench_cpu: str = "32",
         bench_memory: str = "128Gi",
     ) -> Markdown:
-        """PIRL/NPID self-supervised pretraining: shard the images, train on a PyTorchJob, benchmark.
+        """PIRL/NPID self-supervised pretraining: shard the images, train on a PyTorchJob or TrainJob, benchmark.
 
         Args:
             data_source: Images to train on, any fsspec URL (s3://, gs://, a path): an ImageFolder tree with train/ and val/ splits (ImageNet's layout), one without splits, or a list file (see pirl.data.sources).
@@ -96,7 +97,7 @@ def build_pipeline(image: str = IMAGE):
             data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION (optional; e.g. for MinIO).
             train_config: pirl.train preset (VISSL name), e.g. pretrain/pirl/pirl_jigsaw_4node_resnet50 or pretrain/npid/npid_8gpu_resnet.
             train_overrides: Extra pirl.train overrides, e.g. ["config.OPTIMIZER.num_epochs=200"]; they win over everything else.
-            train_num_nodes: Pods of the PyTorchJob (1 Master + train_num_nodes-1 Workers).
+            train_num_nodes: Training pods (nodes): a PyTorchJob's 1 Master + train_num_nodes-1 Workers, a TrainJob's trainer.numNodes.
             train_nproc_per_node: Training processes per pod (one per GPU).
             train_gpus_per_node: GPUs per pod (nvidia.com/gpu); 0 trains on CPU.
             train_cpu_request: CPU request of each training pod.
@@ -107,15 +108,16 @@ def build_pipeline(image: str = IMAGE):
             train_image: Image of the training pods.
             train_output_root: Runs go to <train_output_root>/<run id>/ (pretrain/ checkpoints and trunk, benchmark/ reports).
             train_checkpoint_dir: Use this checkpoint directory instead (e.g. a previous run's .../pretrain to resume it).
-            train_namespace: Namespace of the PyTorchJob ("" for the run's own namespace).
+            train_namespace: Namespace of the job ("" for the run's own namespace).
             train_env: Extra environment variables of the training pods, e.g. {"NCCL_DEBUG": "WARN"}.
             train_node_selector: nodeSelector of the training pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}.
             train_tolerations: Extra tolerations of the training pods (nvidia.com/gpu:NoSchedule is added when train_gpus_per_node > 0).
             train_service_account: Service account of the training pods ("" for the namespace default), e.g. for workload identity.
-            train_active_deadline_seconds: The job fails after this many seconds (also bounds the retries of restartPolicy ExitCode).
-            train_clean_pod_policy: Which pods are deleted when the job ends: None, Running or All.
-            train_delete_job: Delete the PyTorchJob when the step ends: always, on_success or never.
-            train_launcher: cluster (submit the PyTorchJob), local (run its pods as processes in the step) or auto (cluster inside a pod).
+            train_active_deadline_seconds: The job fails after this many seconds (for a PyTorchJob also the only bound on the retries of restartPolicy ExitCode).
+            train_clean_pod_policy: PyTorchJob only: which pods are deleted when the job ends: None, Running or All.
+            train_delete_job: Delete the job (and a TrainJob's TrainingRuntime) when the step ends: always, on_success or never.
+            train_launcher: cluster (submit the job), local (run its pods as processes in the step) or auto (cluster inside a pod).
+            train_backend: pytorchjob (Training Operator v1 PyTorchJob) or trainjob (Kubeflow Trainer v2 TrainJob on a TrainingRuntime of its own; retries bounded by the JobSet's maxRestarts).
             bench_config: pirl benchmark preset (linear evaluation + kNN).
             bench_overrides: Extra pirl benchmark overrides, e.g. ["config.OPTIMIZER.num_epochs=10"].
             bench_baseline_random: Also evaluate a randomly initialised trunk, for comparison.
@@ -166,8 +168,9 @@ def build_pipeline(image: str = IMAGE):
             clean_pod_policy=train_clean_pod_policy,
             delete_job=train_delete_job,
             launcher=train_launcher,
+            backend=train_backend,
         )
-        train.set_display_name("train: PyTorchJob")
+        train.set_display_name("train: PyTorchJob or TrainJob")
         train.set_caching_options(False)  # a cached step would not launch the job again
         train.set_cpu_request("1").set_memory_request("2Gi").set_memory_limit("4Gi")
         # The job's ownerReference: deleting the run's pods deletes the job too.

@@ -437,64 +437,6 @@ def test_job_name_is_dns_1035_and_short():
     assert job_name("9x", "")[0].isalpha()
 
 
-def test_train_step_submits_to_the_cluster_and_fills_model_and_metrics(tmp_path, monkeypatch):
-    """The `train` component's cluster path: job built from the step's parameters, submitted,
-    followed; the Model and Metrics come from what the job wrote (pre-written here)."""
-    from types import SimpleNamespace
-
-    from pipeline import steps
-
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "trunk.safetensors").write_bytes(b"weights")
-    (ckpt / "metrics.jsonl").write_text(
-        json.dumps({"global_step": 5, "loss": 3.5, "images_per_sec": 10.0})
-        + "\n"
-        + json.dumps({"global_step": 5, "epoch": 0, "epoch_loss": 4.0, "epoch_seconds": 36})
-        + "\n"
-    )
-    monkeypatch.setenv("KFP_POD_NAME", "run-train-pod")
-    monkeypatch.setenv("KFP_POD_UID", "uid-123")
-    monkeypatch.setattr(steps, "pod_namespace", lambda: "team-a")  # the step's pod runs there
-    logged = {}
-    model = SimpleNamespace(path=str(tmp_path / "model"), metadata={})
-    metrics = SimpleNamespace(log_metric=logged.__setitem__)
-    with FakeApiServer([("Succeeded", "Succeeded")]) as fake:
-        monkeypatch.setattr(launcher, "load_api_client", fake.api_client)
-        steps.train(
-            "s3://pirl/datasets/x",
-            model,
-            metrics,
-            config="pretrain/pirl/pirl_jigsaw_4node_resnet50",
-            overrides=[],
-            num_nodes=4,
-            nproc_per_node=8,
-            gpus_per_node=8,
-            image="img:1",
-            run_id="6F1C2A9E-run",
-            output_root=str(tmp_path),
-            checkpoint_dir=str(ckpt),
-            namespace="team-a",
-            secret_name="pirl-s3-credentials",
-            launcher="cluster",
-        )
-        (posted,) = [r for r in fake.requests if r[0] == "POST"]
-        assert posted[1] == "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs"
-        (job,) = fake.created
-        assert job["metadata"]["ownerReferences"] == [
-            {"apiVersion": "v1", "kind": "Pod", "name": "run-train-pod", "uid": "uid-123"}
-        ]
-        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
-        assert not fake.jobs  # deleted on success
-    assert open(model.path, "rb").read() == b"weights"
-    assert model.metadata["trunk_url"] == f"{ckpt}/trunk.safetensors"
-    assert (
-        model.metadata["job_name"] == "pirl-6f1c2a9e-run"
-        and model.metadata["launcher"] == "cluster"
-    )
-    assert logged["final_loss"] == 3.5 and logged["train_hours"] == 0.01
-
-
 # ------------------------------------------------------------------------------ TrainJob (v2)
 def a_trainjob_run(name="pirl-run-1", namespace="team-a") -> tuple[dict, dict]:
     from pipeline.trainjob import build_run
@@ -655,3 +597,70 @@ def test_a_trainjob_needs_its_runtime():
         launcher.run_job(job, wait_timeout=1, api_client=k8s.ApiClient())
     with pytest.raises(ValueError, match="TrainingRuntime"):
         launcher.run_job(a_job(), runtime=runtime, wait_timeout=1, api_client=k8s.ApiClient())
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_train_step_submits_to_the_cluster_and_fills_model_and_metrics(
+    tmp_path, monkeypatch, backend
+):
+    """The `train` component's cluster path: job built from the step's parameters, submitted,
+    followed; the Model and Metrics come from what the job wrote (pre-written here)."""
+    from types import SimpleNamespace
+
+    from pipeline import steps
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "trunk.safetensors").write_bytes(b"weights")
+    (ckpt / "metrics.jsonl").write_text(
+        json.dumps({"global_step": 5, "loss": 3.5, "images_per_sec": 10.0})
+        + "\n"
+        + json.dumps({"global_step": 5, "epoch": 0, "epoch_loss": 4.0, "epoch_seconds": 36})
+        + "\n"
+    )
+    monkeypatch.setenv("KFP_POD_NAME", "run-train-pod")
+    monkeypatch.setenv("KFP_POD_UID", "uid-123")
+    monkeypatch.setattr(steps, "pod_namespace", lambda: "team-a")  # the step's pod runs there
+    logged = {}
+    model = SimpleNamespace(path=str(tmp_path / "model"), metadata={})
+    metrics = SimpleNamespace(log_metric=logged.__setitem__)
+    step = ("Succeeded", "Succeeded") if backend == "pytorchjob" else V2Step(trainjob="Complete")
+    with FakeApiServer([step]) as fake:
+        monkeypatch.setattr(launcher, "load_api_client", fake.api_client)
+        steps.train(
+            "s3://pirl/datasets/x",
+            model,
+            metrics,
+            config="pretrain/pirl/pirl_jigsaw_4node_resnet50",
+            overrides=[],
+            num_nodes=4,
+            nproc_per_node=8,
+            gpus_per_node=8,
+            image="img:1",
+            run_id="6F1C2A9E-run",
+            output_root=str(tmp_path),
+            checkpoint_dir=str(ckpt),
+            namespace="team-a",
+            secret_name="pirl-s3-credentials",
+            launcher="cluster",
+            backend=backend,
+        )
+        posted = [path for method, path in fake.requests if method == "POST"]
+        owner = [{"apiVersion": "v1", "kind": "Pod", "name": "run-train-pod", "uid": "uid-123"}]
+        if backend == "pytorchjob":
+            assert posted == ["/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs"]
+            (job,) = fake.created
+            assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+        else:
+            assert posted == [f"{V2_PATH}/trainingruntimes", f"{V2_PATH}/trainjobs"]
+            runtime, job = fake.created
+            assert runtime["metadata"]["ownerReferences"] == owner
+            assert job["spec"]["trainer"]["numNodes"] == 4
+            assert job["spec"]["trainer"]["numProcPerNode"] == 8
+        assert job["metadata"]["ownerReferences"] == owner
+        assert not fake.jobs and not fake.runtimes  # deleted on success
+    assert open(model.path, "rb").read() == b"weights"
+    assert model.metadata["trunk_url"] == f"{ckpt}/trunk.safetensors"
+    assert model.metadata["job_name"] == "pirl-6f1c2a9e-run"
+    assert model.metadata["launcher"] == "cluster" and model.metadata["backend"] == backend
+    assert logged["final_loss"] == 3.5 and logged["train_hours"] == 0.01

@@ -285,3 +285,38 @@ def test_demo_rejects_a_bad_training_override_before_running(tmp_path, capsys):
     assert rc == 2
     assert "config.LOSS.no_such_key" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written, no step ran
+
+
+def test_train_backend_is_a_run_parameter_passed_to_the_train_step(fresh):
+    doc = next(yaml.safe_load_all(fresh.read_text()))
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert params["train_backend"]["defaultValue"] == "pytorchjob"
+    assert "trainjob" in params["train_backend"]["description"]
+    train = doc["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["backend"] == {"componentInputParameter": "train_backend"}
+
+
+def test_the_train_step_rejects_an_unknown_backend(tmp_path):
+    with pytest.raises(steps.StepError, match="backend must be one of"):
+        steps.train(
+            "s3://x",
+            SimpleNamespace(path=str(tmp_path / "m"), metadata={}),
+            SimpleNamespace(log_metric=lambda *a: None),
+            config=SEED_PRESET,
+            overrides=[],
+            num_nodes=1,
+            nproc_per_node=1,
+            gpus_per_node=0,
+            image="img",
+            run_id="r",
+            output_root=str(tmp_path),
+            backend="mpijob",
+        )
+
+
+def test_demo_runs_either_backend():
+    from pirl.demo import demo_arguments, parse_args
+
+    assert demo_arguments("src", "out")["train_backend"] == "pytorchjob"
+    assert demo_arguments("src", "out", backend="trainjob")["train_backend"] == "trainjob"
+    assert parse_args(["--backend", "trainjob"]).backend == "trainjob"
