@@ -21,6 +21,11 @@ bound on retries):
   without restarting when the Job failed through the podFailurePolicy (the permanent codes).
 The TrainJob copies the JobSet's `Completed`/`Failed` condition as `Complete`/`Failed`, and
 fails with reason `DeadlineExceeded` after `spec.activeDeadlineSeconds`.
+
+Plain dicts, as the API takes them: the `kubeflow` SDK (TrainerClient) shares the `kubeflow/`
+package directory with kubeflow-training and builds its own TrainJobs, and the typed models of
+`kubeflow-trainer-api` would add a second model family beside the kubernetes client's for what
+the tests already check strictly against the v2.3.0 CRDs (tests/schemas/).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ JOB_KUSTOMIZATIONS = [
     "overlays/elastic",
 ]
 
-# The launcher's permissions (shared/spec/kubeflow.md §3.3), as (apiGroup, resource, verb).
+# The launcher's permissions (what pipeline/launcher.py calls, both backends), as (apiGroup, resource, verb).
 LAUNCHER_RULES = {
     *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")),
     ("kubeflow.org", "pytorchjobs/status", "get"),
