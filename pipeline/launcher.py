@@ -19,8 +19,12 @@ errors as a generic "Failed to create ..." and whose waits have their own pitfal
 - `get_job_logs(follow=True)` blocks on Pending pods: here the rank-0 pod's log is followed in a
   thread (again after every restart of its pod) while the main loop watches the job's
   conditions and reports pod states (Unschedulable, ImagePullBackOff, ...) as they change.
-The job is deleted per `delete` ("always", "on_success", "never") and always when the launcher is
-cancelled (SIGTERM from a KFP run termination, Ctrl-C).
+The job is deleted per `delete` ("always", "on_success", "never"), and when the KFP run is
+terminated (SIGTERM, Ctrl-C); but when the SIGTERM comes from an eviction of the launcher's own
+pod (a node drain, autoscaler consolidation: a DisruptionTarget condition or a deletion of the
+pod) the job is left running, and the step's retry re-attaches to it (`submit` adopts a job of
+its name). Pods that cannot be created (FailedCreate events: quota, Pod Security admission, a
+webhook) fail the step after `create_failure_timeout` instead of waiting for the deadline.
 """
 
 from __future__ import annotations
@@ -44,10 +48,14 @@ REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 COMMON_RBAC = (
-    '  - apiGroups: [""]  resources: [pods]  verbs: [get, list, watch]\n'
+    '  - apiGroups: [""]  resources: [pods]  verbs: [get, list]\n'
     '  - apiGroups: [""]  resources: [pods/log]  verbs: [get]\n'
     '  - apiGroups: [""]  resources: [events]  verbs: [list]'
 )
+# Event reasons of a controller that cannot create the job's pods (the Training Operator's, the
+# Job controller's): quota, Pod Security admission, a webhook.
+FAILED_CREATE_REASONS = ("FailedCreate", "FailedCreatePod")
+SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 TRANSIENT_STATUSES = (0, 429, 500, 502, 503, 504)  # 0: no HTTP answer (connection error)
 # Kinds whose Normal events are reported (a pod's Normal events repeat what its state says).
 JOB_EVENT_KINDS = ("PyTorchJob", "TrainJob", "TrainingRuntime", "JobSet", "Job")
@@ -100,8 +108,7 @@ PYTORCHJOB = Backend(
     success="Succeeded",
     container="pytorch",
     rbac=(
-        "  - apiGroups: [kubeflow.org]  resources: [pytorchjobs]  verbs: [create, get, list, watch, delete]\n"
-        "  - apiGroups: [kubeflow.org]  resources: [pytorchjobs/status]  verbs: [get]\n"
+        "  - apiGroups: [kubeflow.org]  resources: [pytorchjobs]  verbs: [create, get, delete]\n"
         + COMMON_RBAC
     ),
     operator="the Training Operator (CRD pytorchjobs.kubeflow.org, version v1)",
@@ -137,8 +144,12 @@ class JobTimeoutError(LaunchError, TimeoutError):
     """The job did not finish within wait_timeout."""
 
 
+class PodCreationError(LaunchError):
+    """The job's pods could not be created (FailedCreate events) for longer than the bound."""
+
+
 class Cancelled(BaseException):
-    """SIGTERM: the KFP run was terminated."""
+    """SIGTERM: the KFP run was terminated, or the launcher's pod is being evicted."""
 
 
 def to_yaml(job: dict) -> str:
@@ -176,6 +187,32 @@ def owner_from_env() -> dict | None:
     if not (name and uid):
         return None
     return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
+
+
+def own_pod() -> tuple[str, str] | None:
+    """(name, namespace) of the launcher's pod (KFP_POD_NAME and the service account's
+    namespace); None outside a pod."""
+    import os
+
+    name = os.environ.get("KFP_POD_NAME")
+    try:
+        with open(SA_NAMESPACE) as f:
+            namespace = f.read().strip()
+    except OSError:
+        return None
+    return (name, namespace) if name and namespace else None
+
+
+def being_evicted(pod) -> str:
+    """Why `pod` (a V1Pod) is going away other than by its run's termination: a DisruptionTarget
+    condition (eviction, preemption, node drain or pressure) or a deletion; "" when neither (KFP
+    terminates a run by stopping its pods' containers, without deleting them)."""
+    for c in (pod.status.conditions if pod.status else None) or []:
+        if c.type == "DisruptionTarget" and c.status == "True":
+            return f"DisruptionTarget: {c.reason or ''} {c.message or ''}".strip()
+    if pod.metadata.deletion_timestamp is not None:
+        return "the pod is being deleted"
+    return ""
 
 
 def explain(exc: ApiException, action: str, namespace: str, backend: Backend = PYTORCHJOB) -> str:
@@ -253,6 +290,7 @@ class Launcher:
         request_timeout: float = 60.0,
         log_grace: float = 30.0,
         max_api_errors: int = 30,
+        create_failure_timeout: float = 900.0,
     ):
         self.api_client = api_client or load_api_client()
         self.custom = k8s.CustomObjectsApi(self.api_client)
@@ -269,6 +307,8 @@ class Launcher:
         self._events_seen: dict[str, int] = {}  # event uid -> count already reported
         self._jobset_readable = backend is TRAINJOB
         self._jobset_restarts = 0
+        self.create_failure_timeout = create_failure_timeout
+        self._failed_create: tuple[float, float, str] | None = None  # first, last seen, message
 
     def say(self, message: str) -> None:
         with self._lock:
@@ -330,8 +370,9 @@ class Launcher:
         self._delete(RUNTIME_PLURAL, "TrainingRuntime", name, namespace)
 
     def submit(self, job: dict) -> dict:
-        """Create the job; if one of that name exists (a retried step), adopt it unless it Failed,
-        in which case it is replaced (the new one resumes from the checkpoints)."""
+        """Create the job; if one of that name exists (the step's retry after its launcher was
+        evicted), adopt it. One that already Failed fails the step again at once (JobFailedError)
+        instead of being replaced: automatic retries must not rerun a failed 32-GPU job."""
         b = self.backend
         name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
         try:
@@ -347,24 +388,16 @@ class Launcher:
             existing = self.get(name, ns)
         except ApiException as exc:
             raise LaunchError(self._explain(exc, f"reading {b.plural} {ns}/{name}", ns)) from exc
-        state = condition(existing, b.success)[0]
-        if state != "Failed":
-            self.say(
-                f"{b.kind} {ns}/{name} already exists ({state or 'no condition'}): following it"
+        state, reason, message = condition(existing, b.success)
+        if state == "Failed":
+            raise JobFailedError(
+                f"{b.kind} {ns}/{name} already Failed in an earlier attempt of this step: "
+                f"{reason}: {message}\nTo run it again in this run, delete it first "
+                f"(kubectl -n {ns} delete {b.kind.lower()} {name}) and retry the run; or start "
+                "a new run with train_checkpoint_dir set to resume its checkpoints."
             )
-            return existing
-        self.say(f"{b.kind} {ns}/{name} exists and Failed (an earlier attempt): replacing it")
-        self.delete(name, ns)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                return self._create(b.plural, job)
-            except ApiException as exc:
-                if exc.status != 409:
-                    action = f"creating {b.plural} {ns}/{name}"
-                    raise LaunchError(self._explain(exc, action, ns)) from exc
-            time.sleep(2)
-        raise LaunchError(f"the failed {b.kind} {ns}/{name} was not deleted within 120 s")
+        self.say(f"{b.kind} {ns}/{name} already exists ({state or 'no condition'}): following it")
+        return existing
 
     def delete(self, name: str, namespace: str) -> None:
         self._delete(self.backend.plural, self.backend.kind, name, namespace)
@@ -453,10 +486,33 @@ class Launcher:
             if self._events_seen.get(key, 0) >= count:
                 continue
             self._events_seen[key] = count
+            if event.type == "Warning" and event.reason in FAILED_CREATE_REASONS:
+                self._note_failed_create(f"{obj.kind}/{obj.name}: {event.message or ''}".strip())
             times = f" (x{count})" if count > 1 else ""
             self.say(
                 f"event {obj.kind}/{obj.name}: {event.type} {event.reason}{times}: "
                 f"{(event.message or '').strip()}"
+            )
+
+    def _note_failed_create(self, message: str) -> None:
+        now = time.monotonic()
+        first = self._failed_create[0] if self._failed_create else now
+        if self._failed_create and now - self._failed_create[1] > self.create_failure_timeout:
+            first = now  # creation had recovered since: a new episode
+        self._failed_create = (first, now, message)
+
+    def _check_pod_creation(self, kind: str, name: str, namespace: str) -> None:
+        """PodCreationError once pods have kept failing to be created (new or repeated
+        FailedCreate events) for create_failure_timeout seconds."""
+        if self._failed_create is None:
+            return
+        first, last, message = self._failed_create
+        if last - first >= self.create_failure_timeout:
+            raise PodCreationError(
+                f"the pods of {kind} {namespace}/{name} could not be created for "
+                f"{last - first:.0f} s (ResourceQuota, Pod Security admission, a webhook?): "
+                f"{message}\n(kubectl -n {namespace} get events "
+                f"--field-selector reason=FailedCreate)"
             )
 
     def _jobset_state(self, name: str, namespace: str) -> tuple[str, str, str]:
@@ -490,6 +546,17 @@ class Launcher:
         if state == "Completed":
             return TRAINJOB.success, reason, message
         return (state, reason, message) if state == "Failed" else ("", "", "")
+
+    def launcher_evicted(self, pod: tuple[str, str] | None) -> str:
+        """being_evicted() of the launcher's pod `pod` (name, namespace); "" when there is no
+        such pod or it cannot be read (then SIGTERM is taken as the run's termination)."""
+        if pod is None:
+            return ""
+        try:
+            return being_evicted(self.core.read_namespaced_pod(pod[0], pod[1], _request_timeout=10))
+        except (ApiException, OSError) as exc:
+            self.say(f"SIGTERM: cannot read this launcher's pod {pod[1]}/{pod[0]} ({exc})")
+            return ""
 
     def _drain_logs(self) -> None:
         end = time.monotonic() + self.log_grace
@@ -544,6 +611,8 @@ class Launcher:
             if state and state != last:
                 self.say(f"{b.kind} {namespace}/{name}: {state} ({reason}) {message}".rstrip())
                 last = state
+            if state not in (b.success, "Failed"):
+                self._check_pod_creation(b.kind, name, namespace)
             if state == b.success:
                 self._drain_logs()
                 return job
@@ -572,14 +641,19 @@ def run_job(
     out: TextIO | None = None,
     poll_interval: float = 10.0,
     log_grace: float = 30.0,
+    create_failure_timeout: float = 900.0,
+    launcher_pod: tuple[str, str] | None = None,
 ) -> dict:
     """Submit `job` (a PyTorchJob, or a TrainJob with the TrainingRuntime `runtime` it runs on,
     created first), follow it to the end, delete it (and the runtime) per `delete`; returns the
     finished job (its success condition: Succeeded, or Complete for a TrainJob, perhaps still
     only on its JobSet).
 
-    Raises LaunchError (API/RBAC), JobFailedError, JobTimeoutError. SIGTERM (KFP terminating the
-    run) deletes the job and exits 143.
+    Raises LaunchError (API/RBAC), JobFailedError, JobTimeoutError, PodCreationError (pods not
+    created for create_failure_timeout seconds). SIGTERM exits 143: when KFP terminates the run
+    the job is deleted; when the launcher's own pod (`launcher_pod`, (name, namespace), by
+    default own_pod()) is being evicted or deleted the job is left running, for a retry of the
+    step to re-attach to.
     """
     if delete not in ("always", "on_success", "never"):
         raise ValueError(f"delete must be always, on_success or never, got {delete!r}")
@@ -587,7 +661,12 @@ def run_job(
     if (runtime is not None) != (backend is TRAINJOB):
         raise ValueError("a TrainJob needs its TrainingRuntime (runtime=), a PyTorchJob none")
     launcher = Launcher(
-        api_client, backend=backend, out=out, poll_interval=poll_interval, log_grace=log_grace
+        api_client,
+        backend=backend,
+        out=out,
+        poll_interval=poll_interval,
+        log_grace=log_grace,
+        create_failure_timeout=create_failure_timeout,
     )
     name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
     previous = None
@@ -608,8 +687,16 @@ def run_job(
         succeeded = True
         return result
     except (Cancelled, KeyboardInterrupt):
-        launcher.say("cancelled: deleting the job")
-        delete = "always"
+        evicted = launcher.launcher_evicted(launcher_pod or own_pod())
+        if evicted:
+            launcher.say(
+                f"SIGTERM: this launcher's pod is going away ({evicted}), not the run: leaving "
+                f"the {backend.kind} running; a retry of this step re-attaches to it"
+            )
+            delete = "never"
+        else:
+            launcher.say("cancelled (the run was terminated): deleting the job")
+            delete = "always"
         raise SystemExit(143) from None
     finally:
         if submitted and (delete == "always" or (delete == "on_success" and succeeded)):

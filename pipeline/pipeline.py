@@ -20,6 +20,11 @@ NAME = "pirl-pretrain"
 STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 BENCH_SHM = "32Gi"  # counts against bench_memory
+LAUNCHER_POD_ANNOTATIONS = {
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",  # Cluster Autoscaler
+    "karpenter.sh/do-not-disrupt": "true",  # Karpenter consolidation
+}
+LAUNCHER_RETRIES = 3
 
 
 def _storage_env(task, secret, config_map) -> None:
@@ -176,6 +181,15 @@ def build_pipeline(image: str = IMAGE):
         # The job's ownerReference: deleting the run's pods deletes the job too.
         kubernetes.use_field_path_as_env(train, "KFP_POD_NAME", "metadata.name")
         kubernetes.use_field_path_as_env(train, "KFP_POD_UID", "metadata.uid")
+        # The 1-CPU launcher follows a job of up to 32 GPUs for days: autoscalers must not move
+        # it. If it is evicted anyway (node drain), it leaves the job running and exits; the
+        # retry re-attaches to the job (a Failed job is never rerun by a retry).
+        for key, value in LAUNCHER_POD_ANNOTATIONS.items():
+            kubernetes.add_pod_annotation(train, key, value)
+        # backoff_max_duration counts from the first attempt: a retry after days must still happen
+        train.set_retry(
+            num_retries=LAUNCHER_RETRIES, backoff_duration="60s", backoff_max_duration="1296000s"
+        )
 
         bench = c.benchmark(
             dataset=prep.outputs["dataset"],

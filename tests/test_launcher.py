@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +42,7 @@ JOBS = re.compile(
 JOBSETS = re.compile(r"^/apis/jobset\.x-k8s\.io/v1alpha2/namespaces/([^/]+)/jobsets/([^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 LOG = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
+POD = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$")
 EVENTS = re.compile(r"^/api/v1/namespaces/([^/]+)/events$")
 STAMP = "2026-09-01T10:00:00Z"
 FORBIDDEN = (
@@ -96,10 +99,14 @@ class FakeApiServer:
         log="hello from master\n",
         events=(),
         forbid_jobsets=False,
+        launcher_pod=None,
+        growing_events=False,
     ):
         self.script, self.forbid_create, self.log = list(script), forbid_create, log
         self.forbid_jobsets = forbid_jobsets
         self.events = list(events)
+        self.growing_events = growing_events  # FailedCreate events repeat at every list
+        self.launcher_pod = launcher_pod  # the launcher's own pod (a dict), read at SIGTERM
         self.jobs: dict[str, dict] = dict(existing or {})
         self.runtimes: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
@@ -209,7 +216,16 @@ class FakeApiServer:
                     expected = launcher.BACKENDS[kind].container
                     assert parse_qs(url.query)["container"] == [expected]
                     return self.reply(200, fake.log.encode(), "text/plain")
+                if m := POD.match(url.path):
+                    pod = fake.launcher_pod
+                    if pod is None or pod["metadata"]["name"] != m.group(2):
+                        return self.status(404, "NotFound", f'pods "{m.group(2)}" not found')
+                    return self.reply(200, pod)
                 if EVENTS.match(url.path):
+                    if fake.growing_events:
+                        for e in fake.events:
+                            if e["reason"] in launcher.FAILED_CREATE_REASONS:
+                                e["count"] += 1
                     return self.reply(
                         200,
                         {
@@ -392,7 +408,7 @@ def test_forbidden_names_the_missing_rbac():
     assert "HTTP 403" in text and FORBIDDEN in text
     for needed in (
         "resources: [pytorchjobs]",
-        "verbs: [create, get, list, watch, delete]",
+        "verbs: [create, get, delete]",
         "pods/log",
         "namespace 'team-a'",
     ):
@@ -410,17 +426,14 @@ def test_existing_running_job_is_adopted_not_duplicated():
     assert sum(1 for m, _ in fake.requests if m == "POST") == 1
 
 
-def test_existing_failed_job_is_replaced():
+def test_existing_failed_job_fails_the_retried_step_at_once():
+    """A retried step (the launcher evicted, or the step failed) never reruns a Failed job."""
     existing = {"pirl-run-1": a_job()}
     with FakeApiServer([("Failed", ""), ("Succeeded", "Succeeded")], existing=existing) as fake:
-        _, out = run(fake)
-    assert "exists and Failed (an earlier attempt): replacing it" in out
-    assert [m for m, _ in fake.requests if m in ("POST", "DELETE")] == [
-        "POST",
-        "DELETE",
-        "POST",
-        "DELETE",
-    ]
+        with pytest.raises(launcher.JobFailedError, match="already Failed in an earlier attempt"):
+            run(fake)
+        assert "pirl-run-1" in fake.jobs  # kept for kubectl describe
+    assert [m for m, _ in fake.requests if m in ("POST", "DELETE")] == ["POST"]
 
 
 def test_explain_404_points_at_the_crd():
@@ -664,3 +677,130 @@ def test_train_step_submits_to_the_cluster_and_fills_model_and_metrics(
     assert model.metadata["job_name"] == "pirl-6f1c2a9e-run"
     assert model.metadata["launcher"] == "cluster" and model.metadata["backend"] == backend
     assert logged["final_loss"] == 3.5 and logged["train_hours"] == 0.01
+
+
+# ------------------------------------------------------------------------------ what the cluster says
+def launcher_pod(evicted: bool) -> dict:
+    """The launcher's own pod as the API returns it: an evicted one (node drain, autoscaler) has
+    a DisruptionTarget condition and a deletionTimestamp; one whose run KFP terminates has not."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "pirl-pretrain-train-abc12", "namespace": "team-a", "uid": "p-1"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    if evicted:
+        pod["metadata"]["deletionTimestamp"] = STAMP
+        pod["metadata"]["deletionGracePeriodSeconds"] = 30
+        pod["status"]["conditions"].append(
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+                "lastTransitionTime": STAMP,
+            }
+        )
+    return pod
+
+
+def sigterm_soon(seconds: float = 0.5) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    return timer
+
+
+def run_until_sigterm(fake, job=None, **kwargs):
+    out = io.StringIO()
+    sigterm_soon()
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.run_job(
+            job or a_job(),
+            wait_timeout=30,
+            api_client=fake.api_client(),
+            out=out,
+            poll_interval=0.05,
+            log_grace=1,
+            launcher_pod=("pirl-pretrain-train-abc12", "team-a"),
+            **kwargs,
+        )
+    assert exit_info.value.code == 143
+    return out.getvalue()
+
+
+def test_sigterm_of_a_terminated_run_deletes_the_job():
+    with FakeApiServer([("Running", "Running")], launcher_pod=launcher_pod(False)) as fake:
+        out = run_until_sigterm(fake)
+        assert not fake.jobs
+    assert "cancelled (the run was terminated): deleting the job" in out
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+def test_sigterm_of_an_evicted_launcher_keeps_the_job_and_a_retry_reattaches():
+    script = [("Running", "Running")] * 20 + [("Succeeded", "Succeeded")]
+    with FakeApiServer(script, launcher_pod=launcher_pod(True)) as fake:
+        out = run_until_sigterm(fake)
+        assert "pirl-run-1" in fake.jobs  # still running for the retry
+        assert "DisruptionTarget: EvictionByEvictionAPI" in out
+        assert "kept PyTorchJob team-a/pirl-run-1 (delete=never)" in out
+        _, retry = run(fake)  # the step's retry, in a new pod
+    assert "already exists (Running): following it" in retry
+    assert sum(1 for m, _ in fake.requests if m == "POST") == 2  # one create, one 409
+
+
+def test_sigterm_of_a_trainjob_run_deletes_job_and_runtime():
+    runtime, job = a_trainjob_run()
+    with FakeApiServer([V2Step(phase="Running")], launcher_pod=launcher_pod(False)) as fake:
+        run_until_sigterm(fake, job, runtime=runtime)
+        assert not fake.jobs and not fake.runtimes
+
+
+def test_pods_that_cannot_be_created_fail_the_step_after_the_bound():
+    quota = (
+        'Error creating: pods "pirl-run-1-node-0-0-x7k2p" is forbidden: exceeded quota: gpu, '
+        "requested: requests.nvidia.com/gpu=8, used: requests.nvidia.com/gpu=0, limited: "
+        "requests.nvidia.com/gpu=4"
+    )
+    events = [event("Job", "pirl-run-1-node-0", "FailedCreate", quota)]
+    runtime, job = a_trainjob_run()
+    with FakeApiServer([V2Step()], events=events, growing_events=True) as fake:
+        out = io.StringIO()
+        with pytest.raises(launcher.PodCreationError, match="could not be created for") as err:
+            launcher.run_job(
+                job,
+                runtime=runtime,
+                wait_timeout=30,
+                api_client=fake.api_client(),
+                out=out,
+                poll_interval=0.05,
+                log_grace=1,
+                create_failure_timeout=0.5,
+            )
+    assert "exceeded quota: gpu" in str(err.value)
+    assert "event Job/pirl-run-1-node-0: Warning FailedCreate" in out.getvalue()
+
+
+def test_a_single_failed_create_is_reported_but_does_not_fail_the_step():
+    events = [
+        event("PyTorchJob", "pirl-run-1", "FailedCreatePod", "Error creating: webhook timeout")
+    ]
+    script = [("Created", ""), ("Created", ""), ("Running", "Running"), ("Succeeded", "Succeeded")]
+    with FakeApiServer(script, events=events) as fake:
+        _, out = run(fake)
+    assert "Warning FailedCreatePod: Error creating: webhook timeout" in out
+
+
+def test_being_evicted_reads_the_pod():
+    assert launcher.being_evicted(k8s_pod(launcher_pod(True))).startswith("DisruptionTarget")
+    assert launcher.being_evicted(k8s_pod(launcher_pod(False))) == ""
+    deleted = launcher_pod(False)
+    deleted["metadata"]["deletionTimestamp"] = STAMP
+    assert launcher.being_evicted(k8s_pod(deleted)) == "the pod is being deleted"
+
+
+def k8s_pod(data: dict):
+    """A pod dict as the kubernetes client's V1Pod (as read_namespaced_pod returns it)."""
+    from types import SimpleNamespace
+
+    response = SimpleNamespace(data=json.dumps(data))
+    return k8s.ApiClient().deserialize(response, "V1Pod")

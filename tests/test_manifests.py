@@ -59,12 +59,11 @@ JOB_KUSTOMIZATIONS = [
 
 # The launcher's permissions (what pipeline/launcher.py calls, both backends), as (apiGroup, resource, verb).
 LAUNCHER_RULES = {
-    *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")),
-    ("kubeflow.org", "pytorchjobs/status", "get"),
+    *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "delete")),
     *(("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "delete")),
     *(("trainer.kubeflow.org", "trainingruntimes", v) for v in ("create", "delete")),
     ("jobset.x-k8s.io", "jobsets", "get"),
-    *(("", "pods", v) for v in ("get", "list", "watch")),
+    *(("", "pods", v) for v in ("get", "list")),
     ("", "pods/log", "get"),
     ("", "events", "list"),
 }

@@ -320,3 +320,18 @@ def test_demo_runs_either_backend():
     assert demo_arguments("src", "out")["train_backend"] == "pytorchjob"
     assert demo_arguments("src", "out", backend="trainjob")["train_backend"] == "trainjob"
     assert parse_args(["--backend", "trainjob"]).backend == "trainjob"
+
+
+def test_the_launcher_step_is_protected_and_retried(fresh):
+    """Autoscalers must not move the launcher; if it is evicted anyway, its retry re-attaches."""
+    docs = list(yaml.safe_load_all(fresh.read_text()))
+    retry = docs[0]["root"]["dag"]["tasks"]["train"]["retryPolicy"]
+    assert retry["maxRetryCount"] >= 1 and retry["backoffDuration"] == "60s"
+    assert int(retry["backoffMaxDuration"].rstrip("s")) >= 14 * 86400  # the longest wait
+    annotations = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"][
+        "podMetadata"
+    ]["annotations"]
+    assert annotations == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+        "karpenter.sh/do-not-disrupt": "true",
+    }
