@@ -14,7 +14,7 @@ cluster whose pods get storage access from their identity needs neither.
 from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
-from pipeline.components import IMAGE, make_components
+from pipeline.components import IMAGE, cpu_image, make_components
 
 NAME = "pirl-pretrain"
 STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -39,9 +39,11 @@ def _storage_env(task, secret, config_map) -> None:
     )
 
 
-def build_pipeline(image: str = IMAGE):
-    """The `pirl-pretrain` pipeline function, its components (and `train_image`) on `image`."""
+def build_pipeline(image: str = IMAGE, small_image: str | None = None):
+    """The `pirl-pretrain` pipeline function: `bench_image` defaults to `image`, `data_image` (prep
+    and the launcher) to `small_image`, by default the CPU build of `image`."""
     c = make_components(image)
+    small_image = small_image or cpu_image(image)
 
     @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob/TrainJob, benchmark")
     def pirl_pretrain(
@@ -56,6 +58,7 @@ def build_pipeline(image: str = IMAGE):
         data_memory: str = "32Gi",
         data_storage_secret: str = "pirl-s3-credentials",
         data_storage_config_map: str = "pirl-storage",
+        data_image: str = small_image,
         train_config: str = "pretrain/pirl/pirl_jigsaw_4node_resnet50",
         train_overrides: list = [],  # noqa: B006 (a KFP default, never mutated)
         train_num_nodes: int = 4,
@@ -66,7 +69,7 @@ def build_pipeline(image: str = IMAGE):
         train_memory_request: str = "400Gi",
         train_memory_limit: str = "600Gi",
         train_shm_size: str = "64Gi",
-        train_image: str = image,
+        train_image: str = "",
         train_output_root: str = "s3://pirl/runs",
         train_checkpoint_dir: str = "",
         train_namespace: str = "",
@@ -85,6 +88,7 @@ def build_pipeline(image: str = IMAGE):
         bench_gpus: int = 8,
         bench_cpu: str = "32",
         bench_memory: str = "128Gi",
+        bench_image: str = image,
     ) -> Markdown:
         """PIRL/NPID self-supervised pretraining: shard the images, train on a PyTorchJob or TrainJob, benchmark.
 
@@ -100,6 +104,7 @@ def build_pipeline(image: str = IMAGE):
             data_memory: Memory request and limit of the prep step.
             data_storage_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the object store (optional; mapped into every step and training pod).
             data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION (optional; e.g. for MinIO).
+            data_image: Image of the small steps, prep and the train step's launcher (the CPU build, images/build.sh --cpu).
             train_config: pirl.train preset (VISSL name), e.g. pretrain/pirl/pirl_jigsaw_4node_resnet50 or pretrain/npid/npid_8gpu_resnet.
             train_overrides: Extra pirl.train overrides, e.g. ["config.OPTIMIZER.num_epochs=200"]; they win over everything else.
             train_num_nodes: Training pods (nodes): a PyTorchJob's 1 Master + train_num_nodes-1 Workers, a TrainJob's trainer.numNodes.
@@ -110,7 +115,7 @@ def build_pipeline(image: str = IMAGE):
             train_memory_request: Memory request of each training pod.
             train_memory_limit: Memory limit of each training pod (includes /dev/shm).
             train_shm_size: Size of the in-memory /dev/shm of each training pod ("" for the runtime's 64 MiB).
-            train_image: Image of the training pods.
+            train_image: Image of the training pods ("" for bench_image).
             train_output_root: Runs go to <train_output_root>/<run id>/ (pretrain/ checkpoints and trunk, benchmark/ reports).
             train_checkpoint_dir: Use this checkpoint directory instead (e.g. a previous run's .../pretrain to resume it).
             train_namespace: Namespace of the job ("" for the run's own namespace).
@@ -129,6 +134,7 @@ def build_pipeline(image: str = IMAGE):
             bench_gpus: GPUs of the benchmark step (one process each; 0 runs one process on CPU).
             bench_cpu: CPU request of the benchmark step.
             bench_memory: Memory request and limit of the benchmark step (includes its 32Gi /dev/shm).
+            bench_image: Image of the benchmark step (the CUDA build); also the training pods' unless train_image is set.
 
         Returns:
             The benchmark's Markdown report (the accuracy table and plots).
@@ -154,6 +160,7 @@ def build_pipeline(image: str = IMAGE):
             nproc_per_node=train_nproc_per_node,
             gpus_per_node=train_gpus_per_node,
             image=train_image,
+            default_image=bench_image,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             output_root=train_output_root,
             checkpoint_dir=train_checkpoint_dir,
@@ -213,6 +220,9 @@ def build_pipeline(image: str = IMAGE):
             bench, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=BENCH_SHM
         )
 
+        prep.set_container_image(data_image)
+        train.set_container_image(data_image)
+        bench.set_container_image(bench_image)
         for task in (prep, train, bench):
             _storage_env(task, data_storage_secret, data_storage_config_map)
         return bench.outputs["report_md"]

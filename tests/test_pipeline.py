@@ -62,15 +62,34 @@ def test_parameters_are_prefixed_described_and_default_to_the_seed_command(fresh
     assert params["train_gpus_per_node"]["defaultValue"] == 8
 
 
-def test_steps_run_uncached_on_the_image_without_pip(fresh):
-    from pipeline.components import IMAGE
-
+def test_steps_run_uncached_without_pip(fresh):
     docs = list(yaml.safe_load_all(fresh.read_text()))
     for task in docs[0]["root"]["dag"]["tasks"].values():
         assert not task.get("cachingOptions", {}).get("enableCache"), task["taskInfo"]
     for ex in docs[0]["deploymentSpec"]["executors"].values():
-        assert ex["container"]["image"] == IMAGE
         assert "pip install" not in json.dumps(ex["container"]["command"])
+
+
+def test_every_step_takes_its_image_from_a_run_parameter(fresh):
+    """prep and the launcher on data_image (the CPU build), the benchmark on bench_image; the
+    training pods on train_image, "" meaning bench_image."""
+    from pipeline.components import CPU_IMAGE, IMAGE
+
+    doc = next(yaml.safe_load_all(fresh.read_text()))
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert params["data_image"]["defaultValue"] == CPU_IMAGE == IMAGE + "-cpu"
+    assert params["bench_image"]["defaultValue"] == IMAGE
+    assert params["train_image"]["defaultValue"] == ""
+    expected = {"prep": "data_image", "train": "data_image", "benchmark": "bench_image"}
+    tasks = doc["root"]["dag"]["tasks"]
+    for task, param in expected.items():
+        executor = doc["deploymentSpec"]["executors"][f"exec-{task}"]
+        channel = f"pipelinechannel--{param}"
+        assert executor["container"]["image"] == f"{{{{$.inputs.parameters['{channel}']}}}}"
+        assert tasks[task]["inputs"]["parameters"][channel] == {"componentInputParameter": param}
+    train = tasks["train"]["inputs"]["parameters"]
+    assert train["image"] == {"componentInputParameter": "train_image"}
+    assert train["default_image"] == {"componentInputParameter": "bench_image"}
 
 
 def test_credentials_come_from_a_secret_named_by_a_parameter(fresh):
@@ -88,14 +107,12 @@ def test_credentials_come_from_a_secret_named_by_a_parameter(fresh):
 
 def test_compile_image_override(tmp_path):
     path = compile_pipeline(tmp_path / "p.yaml", image="ghcr.io/acme/pirl:9.9")
-    doc = next(yaml.safe_load_all(path.read_text()))
-    assert {e["container"]["image"] for e in doc["deploymentSpec"]["executors"].values()} == {
-        "ghcr.io/acme/pirl:9.9"
-    }
-    assert (
-        doc["root"]["inputDefinitions"]["parameters"]["train_image"]["defaultValue"]
-        == "ghcr.io/acme/pirl:9.9"
-    )
+    params = next(yaml.safe_load_all(path.read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert params["bench_image"]["defaultValue"] == "ghcr.io/acme/pirl:9.9"
+    assert params["data_image"]["defaultValue"] == "ghcr.io/acme/pirl:9.9-cpu"
+    path = compile_pipeline(tmp_path / "q.yaml", image="a/pirl:1", small_image="b/small:1")
+    params = next(yaml.safe_load_all(path.read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert params["data_image"]["defaultValue"] == "b/small:1"
 
 
 # ------------------------------------------------------------------------------ the PyTorchJob
