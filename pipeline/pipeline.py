@@ -17,7 +17,9 @@ from kfp.dsl import Markdown
 from pipeline.components import IMAGE, cpu_image, make_components
 
 NAME = "pirl-pretrain"
-STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# Every key of the storage ConfigMap (manifests/base/storage/configmap.yaml): the steps get the
+# same settings as the training pods, which take the whole ConfigMap through envFrom.
+STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 BENCH_SHM = "32Gi"  # counts against bench_memory
 LAUNCHER_POD_ANNOTATIONS = {
@@ -103,7 +105,7 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
             data_cpu: CPU request of the prep step.
             data_memory: Memory request and limit of the prep step.
             data_storage_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the object store (optional; mapped into every step and training pod).
-            data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION (optional; e.g. for MinIO).
+            data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION / AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (optional; e.g. for MinIO).
             data_image: Image of the small steps, prep and the train step's launcher (the CPU build, images/build.sh --cpu).
             train_config: pirl.train preset (VISSL name), e.g. pretrain/pirl/pirl_jigsaw_4node_resnet50 or pretrain/npid/npid_8gpu_resnet.
             train_overrides: Extra pirl.train overrides, e.g. ["config.OPTIMIZER.num_epochs=200"]; they win over everything else.

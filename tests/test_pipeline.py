@@ -352,3 +352,26 @@ def test_the_launcher_step_is_protected_and_retried(fresh):
         "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
         "karpenter.sh/do-not-disrupt": "true",
     }
+
+
+def test_steps_get_the_same_storage_settings_as_the_pods(fresh):
+    """Every key of the storage ConfigMap reaches every step (the pods take it whole)."""
+    configmap = yaml.safe_load(
+        (Path(__file__).parents[1] / "manifests/base/storage/configmap.yaml").read_text()
+    )
+    docs = list(yaml.safe_load_all(fresh.read_text()))
+    for ex in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        (cm,) = ex["configMapAsEnv"]
+        assert {k["envVar"] for k in cm["keyToEnv"]} == set(configmap["data"])
+        assert cm["optional"] is True
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_empty_storage_names_mean_no_references_in_the_pods(backend):
+    job_kwargs = dict(
+        name="pirl-x", namespace="ns", image="img", args=[], secret_name="", config_map_name=""
+    )
+    runtime, job = steps.build_job(backend, **job_kwargs)
+    pod_owner = runtime if runtime is not None else job
+    text = json.dumps(pod_owner)
+    assert "envFrom" not in text and "secretRef" not in text and "configMapRef" not in text
