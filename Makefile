@@ -32,8 +32,9 @@ test-quick: lint
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # The project's main job, locally on a small real dataset.
+# `make demo DEMO_ARGS="--backend trainjob"` runs the training step as a Kubeflow Trainer v2 TrainJob.
 demo: $(STAMP)
-	$(PY) -m pirl.demo
+	$(PY) -m pirl.demo $(DEMO_ARGS)
 
 lock:
 	rm -rf /tmp/pirl-lock-venv && python3 -m venv /tmp/pirl-lock-venv

@@ -19,17 +19,26 @@ from pipeline.pipeline import build_pipeline
 OUTPUT = Path(__file__).with_name("pirl_pipeline.yaml")
 
 
-def compile_pipeline(path: str | Path = OUTPUT, image: str = IMAGE) -> Path:
-    compiler.Compiler().compile(build_pipeline(image), str(path))
+def compile_pipeline(
+    path: str | Path = OUTPUT, image: str = IMAGE, small_image: str | None = None
+) -> Path:
+    compiler.Compiler().compile(build_pipeline(image, small_image), str(path))
     return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.compile", description=__doc__)
-    parser.add_argument("--image", default=IMAGE, help=f"the steps' image (default {IMAGE})")
+    parser.add_argument(
+        "--image", default=IMAGE, help=f"default of bench_image (and the pods'; default {IMAGE})"
+    )
+    parser.add_argument(
+        "--cpu-image",
+        default=None,
+        help="default of data_image, the image of prep and the launcher (default: --image + '-cpu')",
+    )
     parser.add_argument("--output", default=str(OUTPUT), help="where to write the YAML")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    print(compile_pipeline(args.output, args.image))
+    print(compile_pipeline(args.output, args.image, args.cpu_image))
     return 0
 
 

@@ -4,9 +4,12 @@ Each body imports inside itself (KFP ships only the function's source to the pod
 function of `pipeline.steps`. They run on the project's image (images/Dockerfile), which already
 holds `pirl`, `pipeline` and the pinned kfp: `install_kfp_package=False`, so pods need no PyPI.
 
-IMAGE is the one place that names the image. Override it when compiling, e.g.
-`python -m pipeline.compile --image ghcr.io/acme/pirl:0.1.0` (or PIRL_IMAGE=... in the
-environment), which also becomes the default of the `train_image` run parameter.
+IMAGE is the one place that names the image (CPU_IMAGE, its CPU build, follows it). Both are
+only the defaults of run parameters: the benchmark step runs on `bench_image` (CUDA), prep and the
+train step's launcher on `data_image` (the CPU build: no multi-GB CUDA pull for a 1-CPU step),
+the training pods on `train_image` ("" for `bench_image`). Override the defaults when compiling,
+e.g. `python -m pipeline.compile --image ghcr.io/acme/pirl:0.1.0` (or PIRL_IMAGE=... in the
+environment).
 """
 
 import os
@@ -19,6 +22,14 @@ DEFAULT_IMAGE = (
     "registry.example.com/ml/pirl:0.1.0"  # images/build.sh's default REGISTRY/pirl:VERSION
 )
 IMAGE = os.environ.get("PIRL_IMAGE", DEFAULT_IMAGE)
+
+
+def cpu_image(image: str) -> str:
+    """The CPU build of `image` (images/build.sh --cpu tags it VERSION-cpu)."""
+    return f"{image}-cpu"
+
+
+CPU_IMAGE = cpu_image(IMAGE)
 
 
 def prep(
@@ -58,6 +69,7 @@ def train(
     output_root: str,
     checkpoint_dir: str,
     namespace: str,
+    default_image: str,
     cpu_request: str,
     cpu_limit: str,
     memory_request: str,
@@ -73,10 +85,12 @@ def train(
     clean_pod_policy: str,
     delete_job: str,
     launcher: str,
+    backend: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Pretrain as a PyTorchJob (on the cluster, or as local processes); Model + Metrics out."""
+    """Pretrain as a PyTorchJob or a TrainJob (on the cluster, or as local processes); Model +
+    Metrics out. The training pods run `image`, or `default_image` when it is ""."""
     from pipeline import steps
 
     steps.train(
@@ -88,7 +102,7 @@ def train(
         num_nodes=num_nodes,
         nproc_per_node=nproc_per_node,
         gpus_per_node=gpus_per_node,
-        image=image,
+        image=image or default_image,
         run_id=run_id,
         output_root=output_root,
         checkpoint_dir=checkpoint_dir,
@@ -108,6 +122,7 @@ def train(
         clean_pod_policy=clean_pod_policy,
         delete_job=delete_job,
         launcher=launcher,
+        backend=backend,
     )
 
 
@@ -140,7 +155,8 @@ def benchmark(
 
 
 def make_components(image: str = IMAGE) -> SimpleNamespace:
-    """The three components on `image` (prep, train, benchmark)."""
+    """The three components (prep, train, benchmark), compiled on `image`; the pipeline sets
+    each task's image from a run parameter."""
 
     def component(func):
         return dsl.component(func, base_image=image, install_kfp_package=False)

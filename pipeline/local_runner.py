@@ -1,8 +1,7 @@
 """Run a PyTorchJob spec on this machine, as the Training Operator would run it on a cluster.
 
 Each replica pod (`master-0`, `worker-<i>`) becomes a local process tree started with the
-`pytorch` container's command + args and the environment the operator gives that pod
-(../shared/spec/kubeflow.md §4):
+`pytorch` container's command + args and the environment the operator gives that pod:
 
     PYTHONUNBUFFERED=1
     MASTER_ADDR = PET_MASTER_ADDR = localhost        (the cluster: the `<job>-master-0` Service)
@@ -23,6 +22,8 @@ runPolicy.activeDeadlineSeconds. Logs are streamed line by line with a `[master-
 
 Not modelled: GPUs and other resources (logged and ignored), volumes, the init container that
 waits for the master's DNS name, elasticPolicy.
+
+The process machinery (`LocalPods`) is shared with the TrainJob runner (`local_trainjob`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -139,16 +141,17 @@ class Pod:
 @dataclass
 class JobResult:
     name: str
-    status: str  # "Succeeded" or "Failed"
+    status: str  # "Succeeded" (a PyTorchJob), "Complete" (a TrainJob) or "Failed"
     reason: str
     message: str
     restarts: dict[str, int]
     exit_codes: dict[str, list[int]]
     seconds: float
+    run_restarts: int = 0  # a TrainJob's JobSet restarts (every pod recreated together)
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "Succeeded"
+        return self.status in ("Succeeded", "Complete")
 
 
 def local_command(command: list[str], python: str = sys.executable) -> list[str]:
@@ -211,93 +214,54 @@ def pod_env(
     return env
 
 
-class LocalJob:
-    """A PyTorchJob run as local processes: `LocalJob(job).run()` -> JobResult.
+def notes(say, container: dict) -> None:
+    """Say what of a pod's container a local run does not provide (GPUs, the Secret)."""
+    res = (container.get("resources") or {}).get("limits") or {}
+    gpus = {k: v for k, v in res.items() if k.endswith("/gpu")}
+    if gpus:
+        say(f"{gpus} per pod requested; not allocated locally (all pods share the host)")
+    for src in container.get("envFrom") or []:
+        if "secretRef" in src:
+            say(
+                f"envFrom Secret {src['secretRef'].get('name')!r}: the pods use this "
+                "machine's environment instead (set AWS_* etc. here)"
+            )
 
-    `start()` + `wait()` split the two so a caller (a test) can act on `pods` while it runs.
+
+class LocalPods(ABC):
+    """Pods as local process trees: start, stream their logs, kill, stop, and the wait loop
+    around a subclass's `_step` (which applies the job kind's restart and success rules).
+
+    `start()` + `wait()` split `run()` so a caller (a test) can act on `pods` while it runs.
     """
+
+    kind = ""  # the job's kind, in messages
 
     def __init__(
         self,
-        job: dict,
+        name: str,
         *,
-        out: TextIO | None = None,
-        base_env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        python: str = sys.executable,
-        timeout: float | None = None,
-        poll_interval: float = 0.2,
-        grace_seconds: float = 10.0,
+        out: TextIO | None,
+        cwd: str | None,
+        deadline_seconds: float | None,
+        poll_interval: float,
+        grace_seconds: float,
     ):
-        self.job = job
-        self.name = job["metadata"]["name"]
+        self.name = name
         self.out = out or sys.stdout
         self.cwd = cwd
+        self.deadline_seconds = deadline_seconds
         self.poll_interval = poll_interval
         self.grace_seconds = grace_seconds
-        run_policy = job["spec"].get("runPolicy", {})
-        deadline = run_policy.get("activeDeadlineSeconds")
-        limits = [t for t in (deadline, timeout) if t]
-        self.deadline_seconds = min(limits) if limits else None
-        self.backoff_limit = run_policy.get("backoffLimit")
-        self.master_port = free_port()
         self.pods: list[Pod] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._start_time = 0.0
-        self._counted = 0  # restarts that count against backoffLimit
-        base = dict(os.environ if base_env is None else base_env)
-        replicas = job["spec"]["pytorchReplicaSpecs"]
-        if "Master" not in replicas or int(replicas["Master"].get("replicas", 1)) != 1:
-            raise ValueError("the local runner needs exactly one Master replica (as the operator)")
-        rank = 0
-        for role in ("Master", "Worker"):
-            spec = replicas.get(role)
-            if not spec:
-                continue
-            container = self._container(spec, role)
-            policy = spec.get("restartPolicy", "OnFailure")  # the operator's default
-            for index in range(int(spec.get("replicas", 1))):
-                env = pod_env(
-                    job,
-                    role.lower(),
-                    index,
-                    rank,
-                    master_port=self.master_port,
-                    base_env=base,
-                    container_env=container.get("env", []),
-                )
-                command = local_command(
-                    list(container.get("command", [])) + list(container.get("args", [])), python
-                )
-                self.pods.append(Pod(role.lower(), index, rank, command, env, policy))
-                rank += 1
-        self._notes(replicas)
-
-    @staticmethod
-    def _container(spec: dict, role: str) -> dict:
-        for c in spec["template"]["spec"]["containers"]:
-            if c.get("name") == "pytorch":
-                return c
-        raise ValueError(f"the {role} replica has no container named 'pytorch'")
 
     def _say(self, message: str) -> None:
         with self._lock:
             self.out.write(f"[local-runner] {message}\n")
             self.out.flush()
-
-    def _notes(self, replicas: dict) -> None:
-        c = self._container(replicas["Master"], "Master")
-        res = (c.get("resources") or {}).get("limits") or {}
-        gpus = {k: v for k, v in res.items() if k.endswith("/gpu")}
-        if gpus:
-            self._say(f"{gpus} per pod requested; not allocated locally (all pods share the host)")
-        for src in c.get("envFrom") or []:
-            if "secretRef" in src:
-                self._say(
-                    f"envFrom Secret {src['secretRef'].get('name')!r}: the pods use this "
-                    "machine's environment instead (set AWS_* etc. here)"
-                )
 
     # ---------------------------------------------------------------- processes
     def _spawn(self, pod: Pod) -> None:
@@ -380,21 +344,25 @@ class LocalJob:
                 p.proc.wait()
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> LocalJob:
+    def _banner(self) -> str:
+        """What start() says about the job (its size, address, deadline)."""
+        return f"{len(self.pods)} pod(s), deadline {self.deadline_seconds or 'none'} s"
+
+    def start(self) -> LocalPods:
         self._start_time = time.monotonic()
-        n = len(self.pods)
-        self._say(
-            f"PyTorchJob {self.name}: {n} pod(s), MASTER_ADDR=localhost MASTER_PORT={self.master_port}"
-            f" WORLD_SIZE={self.pods[0].env['WORLD_SIZE']}, deadline "
-            f"{self.deadline_seconds or 'none'} s"
-        )
+        self._say(f"{self.kind} {self.name}: {self._banner()}")
         for pod in self.pods:
             self._say(f"{pod.name}: {' '.join(pod.command)}")
             self._spawn(pod)
         return self
 
-    def _result(self, status: str, reason: str, message: str) -> JobResult:
-        self._say(f"PyTorchJob {self.name} {status}: {reason}: {message}")
+    def _deadline_passed(self) -> bool:
+        return bool(self.deadline_seconds) and (
+            time.monotonic() - self._start_time > self.deadline_seconds
+        )
+
+    def _result(self, status: str, reason: str, message: str, run_restarts: int = 0) -> JobResult:
+        self._say(f"{self.kind} {self.name} {status}: {reason}: {message}")
         return JobResult(
             name=self.name,
             status=status,
@@ -403,6 +371,113 @@ class LocalJob:
             restarts={p.name: p.restarts for p in self.pods},
             exit_codes={p.name: list(p.exit_codes) for p in self.pods},
             seconds=time.monotonic() - self._start_time,
+            run_restarts=run_restarts,
+        )
+
+    @abstractmethod
+    def _step(self) -> JobResult | None:
+        """Handle the pods that exited since the last poll, per the job kind's rules; a
+        JobResult once the job ended."""
+
+    def wait(self) -> JobResult:
+        """Until the job ends; the pods are stopped on the way out, also on Ctrl-C or SIGTERM."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_sigterm(signum, frame):
+                raise SystemExit(128 + signum)
+
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            while True:
+                result = self._step()
+                if result is not None:
+                    return result
+                time.sleep(self.poll_interval)
+        finally:
+            self._stop_all()
+            for t in self._threads:
+                t.join(timeout=5)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def run(self) -> JobResult:
+        if self._start_time:
+            raise RuntimeError("this LocalJob was already started")
+        return self.start().wait()
+
+
+class LocalJob(LocalPods):
+    """A PyTorchJob run as local processes: `LocalJob(job).run()` -> JobResult."""
+
+    kind = "PyTorchJob"
+
+    def __init__(
+        self,
+        job: dict,
+        *,
+        out: TextIO | None = None,
+        base_env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        python: str = sys.executable,
+        timeout: float | None = None,
+        poll_interval: float = 0.2,
+        grace_seconds: float = 10.0,
+    ):
+        run_policy = job["spec"].get("runPolicy", {})
+        limits = [t for t in (run_policy.get("activeDeadlineSeconds"), timeout) if t]
+        super().__init__(
+            job["metadata"]["name"],
+            out=out,
+            cwd=cwd,
+            deadline_seconds=min(limits) if limits else None,
+            poll_interval=poll_interval,
+            grace_seconds=grace_seconds,
+        )
+        self.job = job
+        self.backoff_limit = run_policy.get("backoffLimit")
+        self.master_port = free_port()
+        self._counted = 0  # restarts that count against backoffLimit
+        base = dict(os.environ if base_env is None else base_env)
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        if "Master" not in replicas or int(replicas["Master"].get("replicas", 1)) != 1:
+            raise ValueError("the local runner needs exactly one Master replica (as the operator)")
+        rank = 0
+        for role in ("Master", "Worker"):
+            spec = replicas.get(role)
+            if not spec:
+                continue
+            container = self._container(spec, role)
+            policy = spec.get("restartPolicy", "OnFailure")  # the operator's default
+            for index in range(int(spec.get("replicas", 1))):
+                env = pod_env(
+                    job,
+                    role.lower(),
+                    index,
+                    rank,
+                    master_port=self.master_port,
+                    base_env=base,
+                    container_env=container.get("env", []),
+                )
+                command = local_command(
+                    list(container.get("command", [])) + list(container.get("args", [])), python
+                )
+                self.pods.append(Pod(role.lower(), index, rank, command, env, policy))
+                rank += 1
+        notes(self._say, self._container(replicas["Master"], "Master"))
+
+    @staticmethod
+    def _container(spec: dict, role: str) -> dict:
+        for c in spec["template"]["spec"]["containers"]:
+            if c.get("name") == "pytorch":
+                return c
+        raise ValueError(f"the {role} replica has no container named 'pytorch'")
+
+    def _banner(self) -> str:
+        return (
+            f"{len(self.pods)} pod(s), MASTER_ADDR=localhost MASTER_PORT={self.master_port}"
+            f" WORLD_SIZE={self.pods[0].env['WORLD_SIZE']}, deadline "
+            f"{self.deadline_seconds or 'none'} s"
         )
 
     def _step(self) -> JobResult | None:
@@ -447,40 +522,13 @@ class LocalJob:
                 f"restarting it (restart {pod.restarts})"
             )
             self._spawn(pod)
-        if self.deadline_seconds and time.monotonic() - self._start_time > self.deadline_seconds:
+        if self._deadline_passed():
             return self._result(
                 "Failed",
                 "DeadlineExceeded",
                 f"still running after activeDeadlineSeconds={self.deadline_seconds}",
             )
         return None
-
-    def wait(self) -> JobResult:
-        """Until the job ends; the pods are stopped on the way out, also on Ctrl-C or SIGTERM."""
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-
-            def on_sigterm(signum, frame):
-                raise SystemExit(128 + signum)
-
-            previous = signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            while True:
-                result = self._step()
-                if result is not None:
-                    return result
-                time.sleep(self.poll_interval)
-        finally:
-            self._stop_all()
-            for t in self._threads:
-                t.join(timeout=5)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-    def run(self) -> JobResult:
-        if self._start_time:
-            raise RuntimeError("this LocalJob was already started")
-        return self.start().wait()
 
 
 def run_pytorchjob(job: dict, **kwargs) -> JobResult:

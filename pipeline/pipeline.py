@@ -1,4 +1,4 @@
-"""The `pirl-pretrain` pipeline: prep -> train (a PyTorchJob) -> benchmark.
+"""The `pirl-pretrain` pipeline: prep -> train (a PyTorchJob or a TrainJob) -> benchmark.
 
 The defaults reproduce the seed's main command, `config=pretrain/pirl/pirl_jigsaw_4node_resnet50`
 on 4 nodes x 8 GPUs, on an ImageNet-style folder in S3. Run parameters are prefixed by the step
@@ -14,12 +14,19 @@ cluster whose pods get storage access from their identity needs neither.
 from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
-from pipeline.components import IMAGE, make_components
+from pipeline.components import IMAGE, cpu_image, make_components
 
 NAME = "pirl-pretrain"
-STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# Every key of the storage ConfigMap (manifests/base/storage/configmap.yaml): the steps get the
+# same settings as the training pods, which take the whole ConfigMap through envFrom.
+STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 BENCH_SHM = "32Gi"  # counts against bench_memory
+LAUNCHER_POD_ANNOTATIONS = {
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",  # Cluster Autoscaler
+    "karpenter.sh/do-not-disrupt": "true",  # Karpenter consolidation
+}
+LAUNCHER_RETRIES = 3
 
 
 def _storage_env(task, secret, config_map) -> None:
@@ -34,11 +41,13 @@ def _storage_env(task, secret, config_map) -> None:
     )
 
 
-def build_pipeline(image: str = IMAGE):
-    """The `pirl-pretrain` pipeline function, its components (and `train_image`) on `image`."""
+def build_pipeline(image: str = IMAGE, small_image: str | None = None):
+    """The `pirl-pretrain` pipeline function: `bench_image` defaults to `image`, `data_image` (prep
+    and the launcher) to `small_image`, by default the CPU build of `image`."""
     c = make_components(image)
+    small_image = small_image or cpu_image(image)
 
-    @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob, benchmark")
+    @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob/TrainJob, benchmark")
     def pirl_pretrain(
         data_source: str = "s3://pirl/raw/imagenet1k",
         data_dataset_url: str = "s3://pirl/datasets/imagenet1k",
@@ -51,6 +60,7 @@ def build_pipeline(image: str = IMAGE):
         data_memory: str = "32Gi",
         data_storage_secret: str = "pirl-s3-credentials",
         data_storage_config_map: str = "pirl-storage",
+        data_image: str = small_image,
         train_config: str = "pretrain/pirl/pirl_jigsaw_4node_resnet50",
         train_overrides: list = [],  # noqa: B006 (a KFP default, never mutated)
         train_num_nodes: int = 4,
@@ -61,7 +71,7 @@ def build_pipeline(image: str = IMAGE):
         train_memory_request: str = "400Gi",
         train_memory_limit: str = "600Gi",
         train_shm_size: str = "64Gi",
-        train_image: str = image,
+        train_image: str = "",
         train_output_root: str = "s3://pirl/runs",
         train_checkpoint_dir: str = "",
         train_namespace: str = "",
@@ -73,14 +83,16 @@ def build_pipeline(image: str = IMAGE):
         train_clean_pod_policy: str = "Running",
         train_delete_job: str = "on_success",
         train_launcher: str = "auto",
+        train_backend: str = "pytorchjob",
         bench_config: str = "benchmark/linear_image_classification/imagenet1k/eval_resnet_8gpu_transfer_in1k_linear",
         bench_overrides: list = [],  # noqa: B006
         bench_baseline_random: bool = False,
         bench_gpus: int = 8,
         bench_cpu: str = "32",
         bench_memory: str = "128Gi",
+        bench_image: str = image,
     ) -> Markdown:
-        """PIRL/NPID self-supervised pretraining: shard the images, train on a PyTorchJob, benchmark.
+        """PIRL/NPID self-supervised pretraining: shard the images, train on a PyTorchJob or TrainJob, benchmark.
 
         Args:
             data_source: Images to train on, any fsspec URL (s3://, gs://, a path): an ImageFolder tree with train/ and val/ splits (ImageNet's layout), one without splits, or a list file (see pirl.data.sources).
@@ -93,10 +105,11 @@ def build_pipeline(image: str = IMAGE):
             data_cpu: CPU request of the prep step.
             data_memory: Memory request and limit of the prep step.
             data_storage_secret: Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the object store (optional; mapped into every step and training pod).
-            data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION (optional; e.g. for MinIO).
+            data_storage_config_map: Kubernetes ConfigMap with AWS_ENDPOINT_URL / AWS_DEFAULT_REGION / AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (optional; e.g. for MinIO).
+            data_image: Image of the small steps, prep and the train step's launcher (the CPU build, images/build.sh --cpu).
             train_config: pirl.train preset (VISSL name), e.g. pretrain/pirl/pirl_jigsaw_4node_resnet50 or pretrain/npid/npid_8gpu_resnet.
             train_overrides: Extra pirl.train overrides, e.g. ["config.OPTIMIZER.num_epochs=200"]; they win over everything else.
-            train_num_nodes: Pods of the PyTorchJob (1 Master + train_num_nodes-1 Workers).
+            train_num_nodes: Training pods (nodes): a PyTorchJob's 1 Master + train_num_nodes-1 Workers, a TrainJob's trainer.numNodes.
             train_nproc_per_node: Training processes per pod (one per GPU).
             train_gpus_per_node: GPUs per pod (nvidia.com/gpu); 0 trains on CPU.
             train_cpu_request: CPU request of each training pod.
@@ -104,24 +117,26 @@ def build_pipeline(image: str = IMAGE):
             train_memory_request: Memory request of each training pod.
             train_memory_limit: Memory limit of each training pod (includes /dev/shm).
             train_shm_size: Size of the in-memory /dev/shm of each training pod ("" for the runtime's 64 MiB).
-            train_image: Image of the training pods.
+            train_image: Image of the training pods ("" for bench_image).
             train_output_root: Runs go to <train_output_root>/<run id>/ (pretrain/ checkpoints and trunk, benchmark/ reports).
             train_checkpoint_dir: Use this checkpoint directory instead (e.g. a previous run's .../pretrain to resume it).
-            train_namespace: Namespace of the PyTorchJob ("" for the run's own namespace).
+            train_namespace: Namespace of the job ("" for the run's own namespace).
             train_env: Extra environment variables of the training pods, e.g. {"NCCL_DEBUG": "WARN"}.
             train_node_selector: nodeSelector of the training pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}.
             train_tolerations: Extra tolerations of the training pods (nvidia.com/gpu:NoSchedule is added when train_gpus_per_node > 0).
             train_service_account: Service account of the training pods ("" for the namespace default), e.g. for workload identity.
-            train_active_deadline_seconds: The job fails after this many seconds (also bounds the retries of restartPolicy ExitCode).
-            train_clean_pod_policy: Which pods are deleted when the job ends: None, Running or All.
-            train_delete_job: Delete the PyTorchJob when the step ends: always, on_success or never.
-            train_launcher: cluster (submit the PyTorchJob), local (run its pods as processes in the step) or auto (cluster inside a pod).
+            train_active_deadline_seconds: The job fails after this many seconds (for a PyTorchJob also the only bound on the retries of restartPolicy ExitCode).
+            train_clean_pod_policy: PyTorchJob only: which pods are deleted when the job ends: None, Running or All.
+            train_delete_job: Delete the job (and a TrainJob's TrainingRuntime) when the step ends: always, on_success or never.
+            train_launcher: cluster (submit the job), local (run its pods as processes in the step) or auto (cluster inside a pod).
+            train_backend: pytorchjob (Training Operator v1 PyTorchJob) or trainjob (Kubeflow Trainer v2 TrainJob on a TrainingRuntime of its own; retries bounded by the JobSet's maxRestarts).
             bench_config: pirl benchmark preset (linear evaluation + kNN).
             bench_overrides: Extra pirl benchmark overrides, e.g. ["config.OPTIMIZER.num_epochs=10"].
             bench_baseline_random: Also evaluate a randomly initialised trunk, for comparison.
             bench_gpus: GPUs of the benchmark step (one process each; 0 runs one process on CPU).
             bench_cpu: CPU request of the benchmark step.
             bench_memory: Memory request and limit of the benchmark step (includes its 32Gi /dev/shm).
+            bench_image: Image of the benchmark step (the CUDA build); also the training pods' unless train_image is set.
 
         Returns:
             The benchmark's Markdown report (the accuracy table and plots).
@@ -147,6 +162,7 @@ def build_pipeline(image: str = IMAGE):
             nproc_per_node=train_nproc_per_node,
             gpus_per_node=train_gpus_per_node,
             image=train_image,
+            default_image=bench_image,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             output_root=train_output_root,
             checkpoint_dir=train_checkpoint_dir,
@@ -166,13 +182,23 @@ def build_pipeline(image: str = IMAGE):
             clean_pod_policy=train_clean_pod_policy,
             delete_job=train_delete_job,
             launcher=train_launcher,
+            backend=train_backend,
         )
-        train.set_display_name("train: PyTorchJob")
+        train.set_display_name("train: PyTorchJob or TrainJob")
         train.set_caching_options(False)  # a cached step would not launch the job again
         train.set_cpu_request("1").set_memory_request("2Gi").set_memory_limit("4Gi")
         # The job's ownerReference: deleting the run's pods deletes the job too.
         kubernetes.use_field_path_as_env(train, "KFP_POD_NAME", "metadata.name")
         kubernetes.use_field_path_as_env(train, "KFP_POD_UID", "metadata.uid")
+        # The 1-CPU launcher follows a job of up to 32 GPUs for days: autoscalers must not move
+        # it. If it is evicted anyway (node drain), it leaves the job running and exits; the
+        # retry re-attaches to the job (a Failed job is never rerun by a retry).
+        for key, value in LAUNCHER_POD_ANNOTATIONS.items():
+            kubernetes.add_pod_annotation(train, key, value)
+        # backoff_max_duration counts from the first attempt: a retry after days must still happen
+        train.set_retry(
+            num_retries=LAUNCHER_RETRIES, backoff_duration="60s", backoff_max_duration="1296000s"
+        )
 
         bench = c.benchmark(
             dataset=prep.outputs["dataset"],
@@ -196,6 +222,9 @@ def build_pipeline(image: str = IMAGE):
             bench, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=BENCH_SHM
         )
 
+        prep.set_container_image(data_image)
+        train.set_container_image(data_image)
+        bench.set_container_image(bench_image)
         for task in (prep, train, bench):
             _storage_env(task, data_storage_secret, data_storage_config_map)
         return bench.outputs["report_md"]

@@ -21,6 +21,10 @@ from pirl import storage
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 LAUNCHERS = ("auto", "cluster", "local")
+BACKENDS = (
+    "pytorchjob",
+    "trainjob",
+)  # Training Operator v1 PyTorchJob, Kubeflow Trainer v2 TrainJob
 DELETE_POLICIES = ("always", "on_success", "never")
 NOT_METRICS = ("config", "schema_version")  # metrics.json parts that are settings, not results
 
@@ -195,19 +199,23 @@ def train(
     clean_pod_policy: str = "Running",
     delete_job: str = "on_success",
     launcher: str = "auto",
+    backend: str = "pytorchjob",
 ) -> dict:
-    """Build the PyTorchJob, run it on the cluster or locally, fill the Model and Metrics."""
-    from pipeline import pytorchjob
+    """Build the job (a PyTorchJob, or a TrainJob and its TrainingRuntime), run it on the
+    cluster or locally, fill the Model and Metrics."""
+    from pipeline import podspec
 
     if launcher not in LAUNCHERS:
         raise StepError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if backend not in BACKENDS:
+        raise StepError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if delete_job not in DELETE_POLICIES:
         raise StepError(f"delete_job must be one of {DELETE_POLICIES}, got {delete_job!r}")
     mode = launcher if launcher != "auto" else ("cluster" if in_cluster() else "local")
     run_dir = storage.join(output_root, run_id)
     ckpt = checkpoint_dir or storage.join(run_dir, "pretrain")
-    name = pytorchjob.job_name("pirl", run_id)
-    args = pytorchjob.trainer_args(
+    name = podspec.job_name("pirl", run_id)
+    args = podspec.trainer_args(
         config,
         num_nodes=num_nodes,
         nproc_per_node=nproc_per_node,
@@ -235,9 +243,10 @@ def train(
         tolerations=tolerations,
         service_account=service_account,
         active_deadline_seconds=active_deadline_seconds or None,
-        clean_pod_policy=clean_pod_policy,
         labels={"app.kubernetes.io/instance": name},
     )
+    if backend == "pytorchjob":
+        job_kwargs["clean_pod_policy"] = clean_pod_policy
     t0 = time.monotonic()
     if mode == "cluster":
         from pipeline import launcher as cluster
@@ -246,15 +255,15 @@ def train(
         # Owned by this step's pod, so deleting the run's pods deletes the job; only within one
         # namespace (the garbage collector deletes a job whose owner is in another at once).
         owner = cluster.owner_from_env() if ns == pod_namespace() else None
-        job = pytorchjob.build_pytorchjob(namespace=ns, owner=owner, **job_kwargs)
-        print(cluster.to_yaml(job), flush=True)
+        runtime, job = build_job(backend, namespace=ns, owner=owner, **job_kwargs)
+        for obj in (runtime, job):
+            if obj is not None:
+                print(cluster.to_yaml(obj), flush=True)
         wait_timeout = (active_deadline_seconds or 14 * 86400) + 1800  # the deadline + scheduling
-        cluster.run_job(job, wait_timeout=wait_timeout, delete=delete_job)
+        cluster.run_job(job, runtime=runtime, wait_timeout=wait_timeout, delete=delete_job)
     else:
-        from pipeline import local_runner
-
-        job = pytorchjob.build_pytorchjob(namespace="", **job_kwargs)
-        local_runner.run_pytorchjob(job)
+        runtime, job = build_job(backend, namespace="", **job_kwargs)
+        run_locally(job, runtime)
     seconds = time.monotonic() - t0
 
     trunk_url = storage.join(ckpt, "trunk.safetensors")
@@ -276,12 +285,36 @@ def train(
             "config": config,
             "job_name": name,
             "launcher": mode,
+            "backend": backend,
             "num_nodes": num_nodes,
             "nproc_per_node": nproc_per_node,
         }
     )
     print(f"trained trunk {trunk_url}: {json.dumps(summary)}", flush=True)
     return summary
+
+
+def build_job(backend: str, **job_kwargs) -> tuple[dict | None, dict]:
+    """(TrainingRuntime or None, the job): a PyTorchJob, or a TrainJob on a runtime of its own."""
+    if backend == "trainjob":
+        from pipeline import trainjob
+
+        return trainjob.build_run(**job_kwargs)
+    from pipeline import pytorchjob
+
+    return None, pytorchjob.build_pytorchjob(**job_kwargs)
+
+
+def run_locally(job: dict, runtime: dict | None) -> None:
+    """Run the job as local processes, as its operator would on a cluster."""
+    if runtime is not None:
+        from pipeline import local_trainjob
+
+        local_trainjob.run_trainjob(job, runtime)
+    else:
+        from pipeline import local_runner
+
+        local_runner.run_pytorchjob(job)
 
 
 # ------------------------------------------------------------------------------------ benchmark

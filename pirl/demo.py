@@ -7,6 +7,7 @@ local processes with the operator's environment, `benchmark` evaluates the train
 random-init one. It ends by printing the benchmark table. A few minutes on 2 CPU cores.
 
     python -m pirl.demo [--output DIR_OR_URL] [--work DIR] [--epochs N] [--train-override K=V ...]
+                        [--backend pytorchjob|trainjob]
 
 --output takes fsspec URLs too (s3://bucket/demo with AWS_* in the environment): the dataset,
 checkpoints and reports go there. The source images and KFP's local pipeline root stay in --work.
@@ -24,9 +25,14 @@ DEMO_BENCHMARK = "benchmark/linear_image_classification/demo/eval_resnet18_demo_
 
 
 def demo_arguments(
-    source: str, output: str, epochs: int | None = None, extra: list[str] | None = None
+    source: str,
+    output: str,
+    epochs: int | None = None,
+    extra: list[str] | None = None,
+    backend: str = "pytorchjob",
 ) -> dict:
-    """The run parameters that turn the 4 x 8-GPU defaults into the 2-replica CPU demo."""
+    """The run parameters that turn the 4 x 8-GPU defaults into the 2-replica CPU demo, as a
+    PyTorchJob or (backend="trainjob") a TrainJob."""
     overrides = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else []
     overrides += extra or []
     return {
@@ -50,6 +56,7 @@ def demo_arguments(
         "train_output_root": f"{output.rstrip('/')}/runs",
         "train_active_deadline_seconds": 1800,
         "train_launcher": "local",
+        "train_backend": backend,
         "bench_config": DEMO_BENCHMARK,
         "bench_baseline_random": True,
         "bench_gpus": 0,
@@ -78,6 +85,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a pretraining config override (repeatable), e.g. "
         "config.LOSS.nce_loss_with_memory.memory_params.dtype=float16",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("pytorchjob", "trainjob"),
+        default="pytorchjob",
+        help="run the training step's PyTorchJob (Training Operator v1) or TrainJob (Kubeflow "
+        "Trainer v2) locally",
     )
     return parser.parse_args(argv)
 
@@ -115,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kfp").setLevel(logging.WARNING)  # "resources have no effect locally", etc.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"))
     try:
-        run = pirl_pretrain(**demo_arguments(str(source), output, args.epochs, args.train_override))
+        run = pirl_pretrain(
+            **demo_arguments(str(source), output, args.epochs, args.train_override, args.backend)
+        )
     except RuntimeError as exc:
         print(f"pirl demo: the pipeline failed: {exc}", file=sys.stderr)
         return 1

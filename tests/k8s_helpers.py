@@ -2,7 +2,7 @@
 Kubernetes OpenAPI schemas, and PyTorchJobs against the Training Operator's CRD plus the rules its
 validating webhook adds. Importable by any test:
 
-    from tests.k8s_helpers import validate_object, pytorchjob_errors
+    from tests.k8s_helpers import validate_object, pytorchjob_errors, trainer_v2_errors
 
 A PyTorchJob built with the kubeflow-training SDK models must first be turned into its JSON form
 (camelCase keys): `kubernetes.client.ApiClient().sanitize_for_serialization(job)`.
@@ -180,13 +180,130 @@ def pytorchjob_errors(job: dict, crd_path: str | Path) -> list[str]:
 
 def validate_object(obj: dict, crd_path: str | Path | None) -> list[str]:
     """Errors of any object this project renders: PyTorchJobs as above (`crd_path` needed),
-    built-in kinds strictly."""
+    TrainJobs and TrainingRuntimes against the vendored v2.3.0 CRDs, built-in kinds strictly."""
     import kubernetes_validate
 
     if obj.get("kind") == "PyTorchJob":
         return pytorchjob_errors(obj, crd_path)
+    if obj.get("kind") in TRAINER_CRDS:
+        return trainer_v2_errors(obj)
     try:
         validate_builtin(obj)
     except kubernetes_validate.ValidationError as exc:
         return [f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: {describe(exc)}"]
     return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Kubeflow Trainer v2.3.0: TrainJob and TrainingRuntime (CRDs vendored in tests/schemas/)
+
+TRAINER_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "trainer-v2.3.0"
+TRAINER_CRDS = {
+    "TrainJob": TRAINER_SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml",
+    "TrainingRuntime": TRAINER_SCHEMAS / "trainer.kubeflow.org_trainingruntimes.yaml",
+}
+TORCH_PLUGIN_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+)
+ML_POLICIES = ("torch", "mpi", "jax", "xgboost", "flux")
+JOBSET_RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+
+
+@functools.lru_cache(maxsize=4)
+def trainer_schema(kind: str) -> dict:
+    """The closed openAPIV3Schema of a Trainer v2.3.0 CRD (v1alpha1)."""
+    crd = yaml.safe_load(TRAINER_CRDS[kind].read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return close_schema(version["schema"]["openAPIV3Schema"])
+
+
+def trainer_crd_errors(obj: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(trainer_schema(obj["kind"]))
+    return [
+        describe(e)
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path)))
+    ]
+
+
+def trainjob_rule_errors(job: dict) -> list[str]:
+    """What the TrainJob CRD's CEL rules and the Trainer webhook add to the schema."""
+    errors = []
+    name = job.get("metadata", {}).get("name", "")
+    if not DNS1035.match(name) or len(name) > 63:
+        errors.append(f"metadata.name {name!r}: must be a DNS-1035 label of at most 63 characters")
+    spec = job.get("spec", {})
+    if spec.get("runtimeRef", {}).get("kind", "ClusterTrainingRuntime") not in (
+        "TrainingRuntime",
+        "ClusterTrainingRuntime",
+    ):
+        errors.append(f"spec.runtimeRef.kind {spec['runtimeRef']['kind']!r} is no runtime kind")
+    for item in spec.get("trainer", {}).get("env", []):
+        if item.get("name") in TORCH_PLUGIN_ENV:
+            errors.append(f"spec.trainer.env: {item['name']} is reserved for the torch plugin")
+    return errors
+
+
+def runtime_rule_errors(runtime: dict) -> list[str]:
+    """What the TrainingRuntime CRD's CEL rules, the torch plugin and Kubernetes' Job validation
+    require beyond the schema, for a torch runtime."""
+    errors = []
+    spec = runtime.get("spec", {})
+    policies = [p for p in ML_POLICIES if p in spec.get("mlPolicy", {})]
+    if policies != ["torch"]:
+        errors.append(f"spec.mlPolicy: exactly the torch policy expected, got {policies}")
+    jobset = spec.get("template", {}).get("spec", {})
+    for rule in jobset.get("failurePolicy", {}).get("rules", []):
+        if not JOBSET_RULE_NAME.match(rule.get("name", "")):
+            errors.append(f"failurePolicy rule name {rule.get('name')!r} is invalid")
+    nodes = [r for r in jobset.get("replicatedJobs", []) if r.get("name") == "node"]
+    if len(nodes) != 1:
+        return errors + ["spec.template.spec.replicatedJobs: needs one job named 'node'"]
+    job = nodes[0]["template"]
+    if (
+        job.get("metadata", {}).get("labels", {}).get("trainer.kubeflow.org/trainjob-ancestor-step")
+        != "trainer"
+    ):
+        errors.append("the 'node' job needs the label trainjob-ancestor-step: trainer")
+    pod = job.get("spec", {}).get("template", {}).get("spec", {})
+    names = [c.get("name") for c in pod.get("containers", [])]
+    if "node" not in names:
+        errors.append("the 'node' job needs a container named 'node' (the plugin's target)")
+    failure = job.get("spec", {}).get("podFailurePolicy")
+    if failure and pod.get("restartPolicy") != "Never":
+        errors.append("podFailurePolicy needs the pod's restartPolicy: Never")
+    for rule in (failure or {}).get("rules", []):
+        target = rule.get("onExitCodes", {}).get("containerName")
+        if target is not None and target not in names:
+            errors.append(f"podFailurePolicy names container {target!r}, which the pod lacks")
+    try:
+        import kubernetes_validate
+
+        for version in K8S_VERSIONS:  # the Job (podFailurePolicy, pod template) as Kubernetes'
+            kubernetes_validate.validate(
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": {"name": "check"},
+                    "spec": copy.deepcopy(job["spec"]),
+                },
+                version,
+                strict=True,
+            )
+    except kubernetes_validate.ValidationError as exc:
+        errors.append(f"the 'node' Job: {describe(exc)}")
+    return errors
+
+
+def trainer_v2_errors(obj: dict) -> list[str]:
+    """Everything wrong with a TrainJob or TrainingRuntime: the v2.3.0 CRD (closed), the CEL and
+    webhook rules, and the runtime's Job and pod against Kubernetes' own schemas."""
+    errors = trainer_crd_errors(obj)
+    if obj["kind"] == "TrainJob":
+        return errors + trainjob_rule_errors(obj)
+    return errors + runtime_rule_errors(obj)

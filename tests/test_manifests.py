@@ -44,6 +44,9 @@ EXPECTED_OVERLAYS = {
     "overlays/elastic",
     "overlays/kfp/standalone",
     "overlays/kfp/multi-user",
+    "trainjob/overlays/1gpu",
+    "trainjob/overlays/8gpu",
+    "trainjob/overlays/4node",
 }
 JOB_KUSTOMIZATIONS = [
     "base",
@@ -54,11 +57,13 @@ JOB_KUSTOMIZATIONS = [
     "overlays/elastic",
 ]
 
-# The launcher's permissions (shared/spec/kubeflow.md §3.3), as (apiGroup, resource, verb).
+# The launcher's permissions (what pipeline/launcher.py calls, both backends), as (apiGroup, resource, verb).
 LAUNCHER_RULES = {
-    *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")),
-    ("kubeflow.org", "pytorchjobs/status", "get"),
-    *(("", "pods", v) for v in ("get", "list", "watch")),
+    *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "delete")),
+    *(("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "delete")),
+    *(("trainer.kubeflow.org", "trainingruntimes", v) for v in ("create", "delete")),
+    ("jobset.x-k8s.io", "jobsets", "get"),
+    *(("", "pods", v) for v in ("get", "list")),
     ("", "pods/log", "get"),
     ("", "events", "list"),
 }

@@ -62,15 +62,34 @@ def test_parameters_are_prefixed_described_and_default_to_the_seed_command(fresh
     assert params["train_gpus_per_node"]["defaultValue"] == 8
 
 
-def test_steps_run_uncached_on_the_image_without_pip(fresh):
-    from pipeline.components import IMAGE
-
+def test_steps_run_uncached_without_pip(fresh):
     docs = list(yaml.safe_load_all(fresh.read_text()))
     for task in docs[0]["root"]["dag"]["tasks"].values():
         assert not task.get("cachingOptions", {}).get("enableCache"), task["taskInfo"]
     for ex in docs[0]["deploymentSpec"]["executors"].values():
-        assert ex["container"]["image"] == IMAGE
         assert "pip install" not in json.dumps(ex["container"]["command"])
+
+
+def test_every_step_takes_its_image_from_a_run_parameter(fresh):
+    """prep and the launcher on data_image (the CPU build), the benchmark on bench_image; the
+    training pods on train_image, "" meaning bench_image."""
+    from pipeline.components import CPU_IMAGE, IMAGE
+
+    doc = next(yaml.safe_load_all(fresh.read_text()))
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert params["data_image"]["defaultValue"] == CPU_IMAGE == IMAGE + "-cpu"
+    assert params["bench_image"]["defaultValue"] == IMAGE
+    assert params["train_image"]["defaultValue"] == ""
+    expected = {"prep": "data_image", "train": "data_image", "benchmark": "bench_image"}
+    tasks = doc["root"]["dag"]["tasks"]
+    for task, param in expected.items():
+        executor = doc["deploymentSpec"]["executors"][f"exec-{task}"]
+        channel = f"pipelinechannel--{param}"
+        assert executor["container"]["image"] == f"{{{{$.inputs.parameters['{channel}']}}}}"
+        assert tasks[task]["inputs"]["parameters"][channel] == {"componentInputParameter": param}
+    train = tasks["train"]["inputs"]["parameters"]
+    assert train["image"] == {"componentInputParameter": "train_image"}
+    assert train["default_image"] == {"componentInputParameter": "bench_image"}
 
 
 def test_credentials_come_from_a_secret_named_by_a_parameter(fresh):
@@ -88,14 +107,12 @@ def test_credentials_come_from_a_secret_named_by_a_parameter(fresh):
 
 def test_compile_image_override(tmp_path):
     path = compile_pipeline(tmp_path / "p.yaml", image="ghcr.io/acme/pirl:9.9")
-    doc = next(yaml.safe_load_all(path.read_text()))
-    assert {e["container"]["image"] for e in doc["deploymentSpec"]["executors"].values()} == {
-        "ghcr.io/acme/pirl:9.9"
-    }
-    assert (
-        doc["root"]["inputDefinitions"]["parameters"]["train_image"]["defaultValue"]
-        == "ghcr.io/acme/pirl:9.9"
-    )
+    params = next(yaml.safe_load_all(path.read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert params["bench_image"]["defaultValue"] == "ghcr.io/acme/pirl:9.9"
+    assert params["data_image"]["defaultValue"] == "ghcr.io/acme/pirl:9.9-cpu"
+    path = compile_pipeline(tmp_path / "q.yaml", image="a/pirl:1", small_image="b/small:1")
+    params = next(yaml.safe_load_all(path.read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert params["data_image"]["defaultValue"] == "b/small:1"
 
 
 # ------------------------------------------------------------------------------ the PyTorchJob
@@ -285,3 +302,76 @@ def test_demo_rejects_a_bad_training_override_before_running(tmp_path, capsys):
     assert rc == 2
     assert "config.LOSS.no_such_key" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written, no step ran
+
+
+def test_train_backend_is_a_run_parameter_passed_to_the_train_step(fresh):
+    doc = next(yaml.safe_load_all(fresh.read_text()))
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert params["train_backend"]["defaultValue"] == "pytorchjob"
+    assert "trainjob" in params["train_backend"]["description"]
+    train = doc["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["backend"] == {"componentInputParameter": "train_backend"}
+
+
+def test_the_train_step_rejects_an_unknown_backend(tmp_path):
+    with pytest.raises(steps.StepError, match="backend must be one of"):
+        steps.train(
+            "s3://x",
+            SimpleNamespace(path=str(tmp_path / "m"), metadata={}),
+            SimpleNamespace(log_metric=lambda *a: None),
+            config=SEED_PRESET,
+            overrides=[],
+            num_nodes=1,
+            nproc_per_node=1,
+            gpus_per_node=0,
+            image="img",
+            run_id="r",
+            output_root=str(tmp_path),
+            backend="mpijob",
+        )
+
+
+def test_demo_runs_either_backend():
+    from pirl.demo import demo_arguments, parse_args
+
+    assert demo_arguments("src", "out")["train_backend"] == "pytorchjob"
+    assert demo_arguments("src", "out", backend="trainjob")["train_backend"] == "trainjob"
+    assert parse_args(["--backend", "trainjob"]).backend == "trainjob"
+
+
+def test_the_launcher_step_is_protected_and_retried(fresh):
+    """Autoscalers must not move the launcher; if it is evicted anyway, its retry re-attaches."""
+    docs = list(yaml.safe_load_all(fresh.read_text()))
+    retry = docs[0]["root"]["dag"]["tasks"]["train"]["retryPolicy"]
+    assert retry["maxRetryCount"] >= 1 and retry["backoffDuration"] == "60s"
+    assert int(retry["backoffMaxDuration"].rstrip("s")) >= 14 * 86400  # the longest wait
+    annotations = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"][
+        "podMetadata"
+    ]["annotations"]
+    assert annotations == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+        "karpenter.sh/do-not-disrupt": "true",
+    }
+
+
+def test_steps_get_the_same_storage_settings_as_the_pods(fresh):
+    """Every key of the storage ConfigMap reaches every step (the pods take it whole)."""
+    configmap = yaml.safe_load(
+        (Path(__file__).parents[1] / "manifests/base/storage/configmap.yaml").read_text()
+    )
+    docs = list(yaml.safe_load_all(fresh.read_text()))
+    for ex in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        (cm,) = ex["configMapAsEnv"]
+        assert {k["envVar"] for k in cm["keyToEnv"]} == set(configmap["data"])
+        assert cm["optional"] is True
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_empty_storage_names_mean_no_references_in_the_pods(backend):
+    job_kwargs = dict(
+        name="pirl-x", namespace="ns", image="img", args=[], secret_name="", config_map_name=""
+    )
+    runtime, job = steps.build_job(backend, **job_kwargs)
+    pod_owner = runtime if runtime is not None else job
+    text = json.dumps(pod_owner)
+    assert "envFrom" not in text and "secretRef" not in text and "configMapRef" not in text
