@@ -368,7 +368,7 @@ def check(cfg: Config) -> None:
     _one_of(f"{dp}.LABEL_TYPE", d.LABEL_TYPE, ("sample_index", "standard"))
     _require(d.BATCHSIZE_PER_REPLICA >= 1, f"{dp}.BATCHSIZE_PER_REPLICA must be >= 1")
     _require(cfg.DATA.NUM_DATALOADER_WORKERS >= 0, f"{c}.DATA.NUM_DATALOADER_WORKERS must be >= 0")
-    _require(d.DATA_LIMIT == -1 or d.DATA_LIMIT >= 1, f"{dp}.DATA_LIMIT must be -1 (all) or >= 1")
+    check_data_limit(d, dp)
     if d.COLLATE_FUNCTION == "patch_and_image_collator":
         _require(
             sorted(keys) == ["images", "patches"],
@@ -399,6 +399,28 @@ def check(cfg: Config) -> None:
     )
     _require(cfg.CHECKPOINT.DIR != "", f"{c}.CHECKPOINT.DIR must not be empty")
     _require(cfg.LOG_FREQUENCY >= 1, f"{c}.LOG_FREQUENCY must be >= 1")
+
+
+def check_data_limit(d, dp: str) -> None:
+    """DATA_LIMIT and VISSL's DATA_LIMIT_SAMPLING keys, for pretraining and benchmark splits."""
+    _require(d.DATA_LIMIT == -1 or d.DATA_LIMIT >= 1, f"{dp}.DATA_LIMIT must be -1 (all) or >= 1")
+    sampling = d.DATA_LIMIT_SAMPLING
+    _require(
+        not sampling.IS_BALANCED,
+        f"{dp}.DATA_LIMIT_SAMPLING.IS_BALANCED=true (a class-balanced subset) is not supported: "
+        "set it to false for a uniform random subset",
+    )
+    _require(
+        sampling.SKIP_NUM_SAMPLES == 0,
+        f"{dp}.DATA_LIMIT_SAMPLING.SKIP_NUM_SAMPLES is not supported: remove it (DATA_LIMIT "
+        "draws its subset at random, seeded by DATA_LIMIT_SAMPLING.SEED)",
+    )
+    _require(
+        d.DATA_LIMIT < 0 or d.DATA_SOURCES[0] != "shards" or sampling.SEED == 0,
+        f"{dp}.DATA_LIMIT_SAMPLING.SEED={sampling.SEED}: on shards, DATA_LIMIT takes the first "
+        "samples of the dataset's own random order (set by `pirl prep --seed`); for another "
+        "subset re-run prep with another --seed, or remove DATA_LIMIT_SAMPLING.SEED",
+    )
 
 
 def check_optimizer(o, op: str) -> None:

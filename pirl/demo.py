@@ -1,13 +1,15 @@
 """The project's main job on one machine: the whole `pirl-pretrain` Kubeflow pipeline, locally.
 
-`make demo` (= `python -m pirl.demo`) writes scikit-learn's digits as an image folder and runs the
-pipeline with `kfp.local` (SubprocessRunner, this interpreter): `prep` shards the images, `train`
-runs the very PyTorchJob it would submit to a cluster (Master + 1 Worker, one CPU process each) as
-local processes with the operator's environment, `benchmark` evaluates the trained trunk against a
-random-init one. It ends by printing the benchmark table. A few minutes on 2 CPU cores.
+`make demo` (= `python -m pirl.demo`) writes a demo image set (pirl.data.demo: generated shapes
+by default) as an image folder and runs the pipeline with `kfp.local` (SubprocessRunner, this
+interpreter): `prep` shards the images, `train` runs the very PyTorchJob it would submit to a
+cluster (Master + 1 Worker, one CPU process each) as local processes with the operator's
+environment, `benchmark` evaluates the trained trunk against a random-init one. It ends by
+printing the pretraining loss and representation health per epoch and the benchmark table.
 
-    python -m pirl.demo [--output DIR_OR_URL] [--work DIR] [--epochs N] [--train-override K=V ...]
-                        [--backend pytorchjob|trainjob]
+    python -m pirl.demo [--method npid|pirl] [--dataset shapes|digits] [--epochs N]
+                        [--train-override K=V ...] [--backend pytorchjob|trainjob]
+                        [--output DIR_OR_URL] [--work DIR]
 
 --output takes fsspec URLs too (s3://bucket/demo with AWS_* in the environment): the dataset,
 checkpoints and reports go there. The source images and KFP's local pipeline root stay in --work.
@@ -20,7 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_PRESET = "pretrain/pirl/pirl_demo_resnet18"
+DEMO_PRESETS = {
+    "npid": "pretrain/npid/npid_demo_resnet18",
+    "pirl": "pretrain/pirl/pirl_demo_resnet18",
+}
+DEFAULT_METHOD = "npid"
 DEMO_BENCHMARK = "benchmark/linear_image_classification/demo/eval_resnet18_demo_linear"
 
 
@@ -30,6 +36,7 @@ def demo_arguments(
     epochs: int | None = None,
     extra: list[str] | None = None,
     backend: str = "pytorchjob",
+    method: str = DEFAULT_METHOD,
 ) -> dict:
     """The run parameters that turn the 4 x 8-GPU defaults into the 2-replica CPU demo, as a
     PyTorchJob or (backend="trainjob") a TrainJob."""
@@ -41,7 +48,7 @@ def demo_arguments(
         "data_workers": 2,
         "data_cpu": "",
         "data_memory": "",
-        "train_config": DEMO_PRESET,
+        "train_config": DEMO_PRESETS[method],
         "train_overrides": overrides,
         "train_num_nodes": 2,
         "train_nproc_per_node": 1,
@@ -79,6 +86,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--epochs", type=int, default=None, help="pretraining epochs (default: the preset's)"
     )
     parser.add_argument(
+        "--method",
+        choices=sorted(DEMO_PRESETS),
+        default=DEFAULT_METHOD,
+        help=f"the pretraining preset: {DEMO_PRESETS} (default: {DEFAULT_METHOD})",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=("shapes", "digits"),
+        default="shapes",
+        help="the demo image set (pirl.data.demo; default: shapes)",
+    )
+    parser.add_argument(
         "--train-override",
         action="append",
         default=[],
@@ -104,15 +123,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.pipeline import pirl_pretrain
     from pirl import config, storage
-    from pirl.data.demo import write_digits_folder
+    from pirl.data.demo import write_demo_folder
     from pirl.errors import PirlError
 
-    arguments = demo_arguments("", "", args.epochs, args.train_override)
+    arguments = demo_arguments("", "", args.epochs, args.train_override, method=args.method)
     nodes, procs = arguments["train_num_nodes"], arguments["train_nproc_per_node"]
     try:  # a bad override fails here, before any pipeline step runs
         config.load(
             [
-                f"config={DEMO_PRESET}",
+                f"config={DEMO_PRESETS[args.method]}",
                 f"config.DISTRIBUTED.NUM_NODES={nodes}",
                 f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
                 *arguments["train_overrides"],
@@ -124,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     work = Path(args.work).resolve()
     output = args.output if "://" in args.output else str(Path(args.output).resolve())
-    source = work / "digits"
-    write_digits_folder(str(source), size=32)
+    source = work / args.dataset
+    write_demo_folder(args.dataset, str(source))
     logging.getLogger("kfp").setLevel(logging.WARNING)  # "resources have no effect locally", etc.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"))
     try:
         run = pirl_pretrain(
-            **demo_arguments(str(source), output, args.epochs, args.train_override, args.backend)
+            **demo_arguments(
+                str(source), output, args.epochs, args.train_override, args.backend, args.method
+            )
         )
     except RuntimeError as exc:
         print(f"pirl demo: the pipeline failed: {exc}", file=sys.stderr)
@@ -145,22 +166,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, KeyError, TypeError, ValueError):
         table = json.dumps(metrics.get("headline", metrics), indent=1) + "\n"
     print(f"\npirl demo: reports in {out_dir} (report.md, report.html, metrics.json)\n")
-    print_pretraining_loss(metrics.get("config", {}).get("PRETRAIN_METRICS", ""))
+    print_pretraining(metrics.get("config", {}).get("PRETRAIN_METRICS", ""))
     sys.stdout.write(table)
     return 0
 
 
-def print_pretraining_loss(metrics_url: str) -> None:
-    """Mean pretraining loss per epoch, from the training run's metrics.jsonl."""
-    from pirl import storage
+def print_pretraining(metrics_url: str) -> None:
+    """Mean pretraining loss and representation health per epoch (pirl.health), from the
+    training run's metrics.jsonl."""
+    from pirl.benchmark.report import read_pretraining
 
-    if not metrics_url:
+    epochs = read_pretraining(metrics_url).epochs
+    if not epochs:
         return
-    records = [json.loads(x) for x in storage.read_bytes(metrics_url).decode().splitlines() if x]
-    epochs = [r for r in records if "epoch_loss" in r]
-    print("pretraining: epoch  mean loss")
+    print("pretraining: epoch  mean loss  loss/chance  bank mean cos  alignment  uniformity")
     for r in epochs:
-        print(f"             {r['epoch']:>5}  {r['epoch_loss']:.4f}")
+        h = r.get("health", {})
+        cells = [
+            h.get(k) for k in ("loss_vs_chance", "bank_mean_cosine", "alignment", "uniformity")
+        ]
+        shown = "".join(f"{c:>13.3f}" if c is not None else f"{'-':>13}" for c in cells)
+        print(f"             {r['epoch']:>5}  {r['epoch_loss']:>9.4f}{shown}")
     print()
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pirl import dist
+from pirl.health import HealthMeter, chance_loss
 from pirl.memory import MemoryBank
 from pirl.schema import NceLossWithMemory
 
@@ -55,6 +56,12 @@ class NCELossWithMemory(nn.Module):
         self.register_buffer("z", torch.tensor(float(cfg.norm_constant)))
         # Each rank draws its own negatives (spec §2.5); the state is saved for exact resume.
         self.generator = torch.Generator().manual_seed(seed * 1000003 + rank)
+        self.meter: HealthMeter | None = None  # set by the trainer to record health statistics
+
+    def chance(self) -> float:
+        """The total loss when every score is equal (see `pirl.health.chance_loss`)."""
+        per_term = chance_loss(self.cfg.loss_type, self.cfg.negative_sampling_params.num_negatives)
+        return per_term * sum(self.cfg.loss_weights)
 
     def sample_negatives(self, index: torch.Tensor, k: int) -> torch.Tensor:
         """B x (K+1) bank indices: column 0 the positive, then K uniform draws with replacement
@@ -90,6 +97,8 @@ class NCELossWithMemory(nn.Module):
             v = v[keep].float()
             if cfg.norm_embedding:
                 v = F.normalize(v, dim=1)
+            if self.meter is not None and self.training:
+                self.meter.add(v.detach(), self.memory.rows(index))
             s = self.scores(v, index)
             if cfg.loss_type == "cross_entropy":
                 term_loss = F.cross_entropy(

@@ -2,7 +2,7 @@
 
     pirl prep s3://bucket/imagenet s3://bucket/imagenet-shards --workers 16
     pirl prep /data/flowers file:///data/flowers-shards --val-fraction 0.1 --resize 256
-    pirl prep --demo /tmp/digits-shards
+    pirl prep --demo /tmp/shapes-shards
 
 SOURCE is an ImageFolder tree or a list file (see pirl.data.sources); DEST gets the layout of
 pirl.data.manifest. How prep stays safe on 1.28M images:
@@ -12,7 +12,8 @@ pirl.data.manifest. How prep stays safe on 1.28M images:
   (pirl.data.clean), or skipped; both are listed with the reason in DEST/report.json.
 - Shard k holds the good images among inputs k*shard_size .. (k+1)*shard_size-1, so the work
   splits into independent chunks for a process pool; the main process numbers the samples in
-  order (indices 0..N-1 without gaps, sorted class then file) and writes each shard whole.
+  order (indices 0..N-1 without gaps) and writes each shard whole. The inputs are first put in a
+  random order seeded by --seed (`iid_order`), so every shard mixes all classes.
 - After each shard a small state object DEST/_prep/<split>/shard-K.json records what went into
   it (a digest of its inputs and of the parameters) and its checksum. A rerun reuses every shard
   whose state matches and whose bytes still hash right, so a crashed prep resumes where it stopped
@@ -28,6 +29,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import re
 import sys
 import tempfile
@@ -73,6 +75,7 @@ class Options:
             "val_fraction": self.val_fraction,
             "seed": self.seed,
             "max_pixels": self.max_pixels,
+            "order": "shuffled",
             "image_format": "jpeg",
             "jpeg_quality": self.clean_params().quality,
         }
@@ -359,7 +362,7 @@ def prep(source: str, dest: str, opts: Options, *, source_label: str | None = No
             if inputs:
                 states[split] = write_split(
                     split,
-                    inputs,
+                    iid_order(inputs, opts.seed, split),
                     root=listing.root,
                     dest=out,
                     opts=opts,
@@ -383,6 +386,14 @@ def prep(source: str, dest: str, opts: Options, *, source_label: str | None = No
     )
     _publish(out, source_id, listing, states, manifest)
     return manifest
+
+
+def iid_order(inputs: list[Input], seed: int, split: str) -> list[Input]:
+    """The inputs in a seeded random order (the same on every run): shards, and so the batches
+    a streaming loader draws from a few shards at a time, mix every class."""
+    order = list(inputs)
+    random.Random(f"pirl-prep-order:{seed}:{split}").shuffle(order)
+    return order
 
 
 def _check_not_nested(source: str, dest: str) -> None:
@@ -452,18 +463,14 @@ def build_report(source_id: str, listing: Listing, states: dict[str, list[ChunkS
     }
 
 
-def prep_demo(dest: str, opts: Options) -> mf.Manifest:
-    """The bundled demo dataset (scikit-learn's digits, pirl.data.demo) as shards at `dest`."""
-    from pirl.data.demo import write_digits_folder
+def prep_demo(dest: str, opts: Options, dataset: str = "shapes") -> mf.Manifest:
+    """A bundled demo dataset (pirl.data.demo: generated shapes, or scikit-learn's digits) as
+    shards at `dest`."""
+    from pirl.data.demo import write_demo_folder
 
     with tempfile.TemporaryDirectory(prefix="pirl-demo-") as tmp:
-        write_digits_folder(tmp, size=DEMO_IMAGE_SIZE)
-        return prep(
-            tmp,
-            dest,
-            opts,
-            source_label=f"demo: scikit-learn digits at {DEMO_IMAGE_SIZE} px",
-        )
+        write_demo_folder(dataset, tmp, size=DEMO_IMAGE_SIZE)
+        return prep(tmp, dest, opts, source_label=f"demo: {dataset} at {DEMO_IMAGE_SIZE} px")
 
 
 # ---------------------------------------------------------------- command line
@@ -477,7 +484,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "and a manifest (any fsspec URL). `pirl prep --demo DEST` writes the bundled demo set.",
     )
     p.add_argument("paths", nargs="*", metavar="SOURCE DEST", help="SOURCE and DEST URLs or paths")
-    p.add_argument("--demo", action="store_true", help="write the demo dataset to DEST")
+    p.add_argument("--demo", action="store_true", help="write a demo dataset to DEST")
+    p.add_argument(
+        "--demo-dataset",
+        choices=("shapes", "digits"),
+        default="shapes",
+        help="which demo dataset --demo writes (default: shapes)",
+    )
     p.add_argument(
         "--shard-size",
         type=int,
@@ -503,7 +516,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0.0,
         help="move this fraction of each class to a val split (sources without val/ only)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction draw")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the samples' order in the shards and of the --val-fraction draw",
+    )
     p.add_argument(
         "--max-pixels",
         type=int,
@@ -536,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.demo:
             dest = args.paths[0]
-            manifest = prep_demo(dest, opts)
+            manifest = prep_demo(dest, opts, args.demo_dataset)
         else:
             _, dest = args.paths
             manifest = prep(args.paths[0], dest, opts)

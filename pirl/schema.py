@@ -50,6 +50,15 @@ class Optimizer:
 
 
 @dataclass
+class DataLimitSampling:
+    # DATA_LIMIT takes a random subset seeded by SEED (folders, file lists); on `pirl prep` shards,
+    # whose samples are already in a seeded random order, it takes the first DATA_LIMIT of them.
+    SEED: int = 0
+    IS_BALANCED: bool = False  # VISSL's per-class balancing: not supported (refused if true)
+    SKIP_NUM_SAMPLES: int = 0  # VISSL's offset into the subset: not supported (refused if set)
+
+
+@dataclass
 class DataSplit:
     DATA_SOURCES: list[str] = field(default_factory=lambda: ["disk_folder"])
     DATASET_NAMES: list[str] = field(default_factory=lambda: ["imagenet1k_folder"])
@@ -58,6 +67,7 @@ class DataSplit:
     # synthetic: unused. Paths may be fsspec URLs.
     DATA_PATHS: list[str] = field(default_factory=list)
     DATA_LIMIT: int = -1
+    DATA_LIMIT_SAMPLING: DataLimitSampling = field(default_factory=DataLimitSampling)
     BATCHSIZE_PER_REPLICA: int = 256
     LABEL_TYPE: str = "sample_index"  # sample_index | standard
     LABEL_SOURCES: list[str] = field(default_factory=list)

@@ -31,6 +31,7 @@ from pirl.errors import (
     PirlError,
     StorageError,
 )
+from pirl.health import HealthMeter, collapse_warning
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
@@ -174,6 +175,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     model, criterion, optimizer = build_training(
         cfg, env, data.num_samples, lr=config.lr_at(derived.lr, 0, num_epochs)
     )
+    criterion.meter = HealthMeter()
     amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
     scaler = precision.grad_scaler(device, amp_dtype)
     augment = device_augmentation(cfg, device)
@@ -292,6 +294,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
         criterion.train()
         first = start_step if epoch == start_epoch else 0
         loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
+        criterion.meter.reset()
         t_log, imgs_log = time.perf_counter(), 0
         # A progress bar on an interactive terminal (rank 0); pod logs get the periodic lines only.
         bar = tqdm(
@@ -376,13 +379,25 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 "epoch_loss": loss_sum / seen,
                 "epoch_seconds": time.perf_counter() - t_epoch,
             }
+            health = criterion.meter.summary(
+                criterion.memory.memory, record["epoch_loss"], criterion.chance()
+            )
+            record["health"] = health
             metrics.append(record)
             log.info(
-                "epoch %d done: mean loss %.4f in %.1fs",
+                "epoch %d done: mean loss %.4f (%.2fx chance) in %.1fs | bank mean cosine %.3f, "
+                "alignment %.3f, uniformity %.3f",
                 epoch,
                 record["epoch_loss"],
+                health["loss_vs_chance"],
                 record["epoch_seconds"],
+                health["bank_mean_cosine"],
+                health["alignment"],
+                health["uniformity"],
             )
+            warning = collapse_warning(health, epoch)
+            if warning:
+                log.warning("epoch %d: %s", epoch, warning)
         if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or epoch + 1 == num_epochs:
             save(epoch + 1, 0)
 

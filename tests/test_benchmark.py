@@ -18,7 +18,7 @@ from pirl.benchmark.features import FeatureExtractor, frozen_violations
 from pirl.benchmark.heads import build_heads
 from pirl.benchmark.knn import knn_evaluate, knn_votes, topk_correct
 from pirl.benchmark.linear import CachedTrainFeatures, ProtocolError, check_protocol, train_heads
-from pirl.benchmark.report import flat_summary, read_loss_curve, text_table
+from pirl.benchmark.report import flat_summary, read_pretraining, text_table
 from pirl.errors import ConfigError
 from pirl.models import ResNetTrunk
 from pirl.schema import Optimizer
@@ -290,7 +290,9 @@ def digits_args(digits_folder, tmp_path, *extra: str) -> list[str]:
     records = [
         {"epoch": 0, "step": s, "global_step": s, "loss": 8.0 - 0.1 * s} for s in range(1, 30)
     ]
-    records.append({"epoch": 0, "global_step": 29, "epoch_loss": 6.0})  # no "loss": ignored
+    health = {"loss_vs_chance": 0.6, "bank_mean_cosine": 0.05, "positive_cosine": 0.7}
+    health |= {"alignment": 0.6, "uniformity": -3.5}
+    records.append({"epoch": 0, "global_step": 29, "epoch_loss": 6.0, "health": health})
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     return [
         DEMO,
@@ -336,7 +338,10 @@ def test_end_to_end_small(small_digits, tmp_path, capsys):
     metrics = check_outputs(tmp_path / "out")
     assert metrics["dataset"]["train"]["num_samples"] == 120
     assert metrics["dataset"]["val"]["num_samples"] == 50
-    assert read_loss_curve(str(tmp_path / "metrics.jsonl"))[:2] == [(1, 7.9), (2, 7.8)]
+    pretraining = read_pretraining(str(tmp_path / "metrics.jsonl"))
+    assert pretraining.curve[:2] == [(1, 7.9), (2, 7.8)]  # the epoch record has no "loss"
+    assert metrics["pretraining_health"] == {"epoch": 0, **pretraining.epochs[0]["health"]}
+    assert "bank mean cosine 0.050" in (tmp_path / "out" / "report.md").read_text()
     assert "trained.linear.res5.top1" in flat_summary(metrics)
     assert "headline: linear" in text_table(metrics)
 

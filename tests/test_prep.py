@@ -16,6 +16,8 @@ from PIL import Image
 
 from pirl import prep, storage
 from pirl.data import manifest as mf
+from pirl.data.shapes import SHAPES
+from pirl.data.sources import list_source
 from pirl.data.tarshard import Record, unpack
 
 from ._images import make_clean_folder, make_messy_folder
@@ -86,16 +88,20 @@ def test_report_lists_exactly_the_bad_files(messy, prepped):
 
 
 def test_every_good_image_is_in_exactly_one_shard_with_gapless_indices(messy, prepped):
-    _, expected = messy
+    src, expected = messy
     manifest, records = read_dataset(str(prepped))
+    listing = list_source(str(src))
     assert manifest.splits["train"].classes == ["cat", "dog", "eel"]
     sources = [r.source for split in records.values() for _, r in split]
     assert sorted(sources) == sorted(expected["good"])  # each exactly once, nothing else
     for name, split in manifest.splits.items():
         recs = [r for _, r in records[name]]
         assert [r.index for r in recs] == list(range(split.num_samples))
-        # index order is (class, path), and the label is the class folder's index
-        assert [(r.label, r.source) for r in recs] == sorted((r.label, r.source) for r in recs)
+        # index order is the seeded random order of prep.iid_order (classes mixed), and the
+        # label is the class folder's index
+        order = [i.path for i in prep.iid_order(listing.splits[name], 0, name)]
+        assert [r.source for r in recs] == [p for p in order if p in set(expected["good"])]
+        assert [r.label for r in recs] != sorted(r.label for r in recs)
         for r in recs:
             assert split.classes[r.label] == r.source.split("/")[1]
             with Image.open(io.BytesIO(r.image)) as img:
@@ -240,12 +246,20 @@ def test_flat_folder_list_file_and_val_fraction(tmp_path, capsys):
     assert prep.main([str(flat), str(dest1), "--val-fraction", "1.5"]) == 2
 
 
-def test_demo_dataset(tmp_path):
+@pytest.mark.parametrize(
+    "dataset,train,val,classes",
+    [
+        ("shapes", 1000, 500, sorted(SHAPES)),
+        ("digits", 1498, 299, [str(d) for d in range(10)]),
+    ],
+)
+def test_demo_dataset(tmp_path, dataset, train, val, classes):
     dest = tmp_path / "demo"
-    assert prep.main(["--demo", str(dest), "--workers", "1"]) == 0
+    assert prep.main(["--demo", str(dest), "--demo-dataset", dataset, "--workers", "1"]) == 0
     manifest, records = read_dataset(str(dest))
-    assert manifest.splits["train"].num_samples + manifest.splits["val"].num_samples == 1797
-    assert manifest.splits["train"].classes == [str(d) for d in range(10)]
+    assert manifest.splits["train"].num_samples == train
+    assert manifest.splits["val"].num_samples == val
+    assert manifest.splits["train"].classes == classes
     assert manifest.source.startswith("demo:")
     report = json.loads((dest / "report.json").read_text())
     assert report["skipped"] == [] and report["converted"] == []

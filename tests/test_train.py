@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from pirl import checkpoint
+from pirl import checkpoint, config
+from pirl.models import build_model
 from pirl.train import main as train_main
 
 
@@ -104,16 +105,28 @@ def test_bf16_autocast_on_cpu_trains_with_a_float32_bank_and_weights(tmp_path, d
 
 def test_channels_last_and_contiguous_runs_match(tmp_path, digits_folder):
     """NHWC is a layout, not a different model: one step agrees to float rounding (later steps
-    amplify rounding chaotically at the demo's LR, so one step is the comparison)."""
+    amplify rounding chaotically at the demo's LR, so one step is the comparison). The heads are
+    VISSL's plain linear ones: the demo's BatchNorm1d over a batch of 8 amplifies rounding too."""
     a, b = tmp_path / "nhwc", tmp_path / "nchw"
-    assert train_main(tiny(a, digits_folder, "config.MAX_STEPS=1")) == 0
-    nchw = tiny(b, digits_folder, "config.MAX_STEPS=1", "config.MODEL.CHANNELS_LAST=false")
+    linear_heads = (
+        "config.MODEL.HEAD.PARAMS=[[[mlp,{dims:[512,128]}],[siamese_concat_view,{num_towers:9}],"
+        "[mlp,{dims:[1152,128]}]],[[mlp,{dims:[512,128]}]]]"
+    )
+    assert train_main(tiny(a, digits_folder, "config.MAX_STEPS=1", linear_heads)) == 0
+    nchw = tiny(
+        b, digits_folder, "config.MAX_STEPS=1", "config.MODEL.CHANNELS_LAST=false", linear_heads
+    )
     assert train_main(nchw) == 0
     sa, _ = checkpoint.load_latest(str(a))
     sb, _ = checkpoint.load_latest(str(b))
+    cfg, _ = config.load(tiny(a, digits_folder, linear_heads), world_size=1)
+    init = build_model(cfg).state_dict()
     for key, value in sb["model"].items():
-        if value.is_floating_point():
-            assert (sa["model"][key] - value).abs().max() <= 1e-4 * value.abs().max() + 1e-7, key
+        if value.is_floating_point() and "running" not in key:
+            # against what the step changed (a ReLU input within rounding of 0 may flip, so the
+            # norm, not the largest element)
+            step = (sa["model"][key] - init[key]).norm()
+            assert (sa["model"][key] - value).norm() <= 1e-2 * step + 1e-7, key
     assert torch.allclose(sa["loss"]["memory.memory"], sb["loss"]["memory.memory"], atol=1e-5)
 
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             sys.stdout.write(config.dump_yaml(cfg, derived))
             return 0
-        from pirl.benchmark.report import read_loss_curve, text_table, write_reports
+        from pirl.benchmark.report import read_pretraining, text_table, write_reports
         from pirl.benchmark.run import benchmark
 
         env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = benchmark(cfg, derived, env)
             if env.is_main:
-                urls = write_reports(cfg.OUTPUT_DIR, metrics, read_loss_curve(cfg.PRETRAIN_METRICS))
+                pretraining = read_pretraining(cfg.PRETRAIN_METRICS)
+                urls = write_reports(cfg.OUTPUT_DIR, metrics, pretraining)
                 sys.stdout.write(text_table(metrics))
                 log.info("wrote %s", ", ".join(urls))
             dist.barrier()

@@ -116,9 +116,7 @@ def check(cfg: BenchmarkConfig) -> None:
         _one_of(f"{dp}.LABEL_TYPE", split.LABEL_TYPE, ("standard",))
         _one_of(f"{dp}.COLLATE_FUNCTION", split.COLLATE_FUNCTION, ("default_collate",))
         _require(split.BATCHSIZE_PER_REPLICA >= 1, f"{dp}.BATCHSIZE_PER_REPLICA must be >= 1")
-        _require(
-            split.DATA_LIMIT == -1 or split.DATA_LIMIT >= 1, f"{dp}.DATA_LIMIT must be -1 or >= 1"
-        )
+        base.check_data_limit(split, dp)
         from pirl.transforms import build_transform  # validates every transform and its params
 
         build_transform(split.TRANSFORMS, f"{dp}.TRANSFORMS")

@@ -82,6 +82,8 @@ def low_shot(data, fraction: float, seed: int, source: str):
             "file of the chosen images"
         )
     n = len(data.samples)
-    labels = sample_labels(data.samples.images)[:n]  # DATA_LIMIT keeps the first n
+    every = sample_labels(data.samples.images)
+    labels = [every[j] for j in data.samples.chosen]  # DATA_LIMIT's subset, in sample order
+    assert len(labels) == n
     chosen = per_class_subset(labels, fraction, seed)
     return dataclasses.replace(data, samples=SubsetSamples(data.samples, chosen))

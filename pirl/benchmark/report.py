@@ -2,7 +2,9 @@
 
 Every file is written whole with `pirl.storage.write_bytes` (atomic locally, one PUT on object
 stores). The PNG has the pretraining loss curve (records of the run's metrics.jsonl that carry
-"loss" and "global_step") beside a bar chart of linear (per head) and kNN top-1.
+"loss" and "global_step") and its per-epoch representation health (pirl.health: loss over its
+chance value, the bank's mean cosine, alignment, uniformity) beside a bar chart of linear (per
+head) and kNN top-1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import html
 import io
 import json
 import logging
+from dataclasses import dataclass, field
 
 from pirl import storage
 
@@ -19,24 +22,43 @@ log = logging.getLogger("pirl")
 TRUNKS = (("trained", "trained"), ("random_init", "random-init"))
 
 
-def read_loss_curve(url: str) -> list[tuple[int, float]]:
-    """(global_step, loss) from a metrics.jsonl; [] (with a warning) when it cannot be read."""
+@dataclass
+class Pretraining:
+    """What the benchmark shows of the pretraining run, from its metrics.jsonl."""
+
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (global_step, loss)
+    epochs: list[dict] = field(default_factory=list)  # {"epoch", "epoch_loss", "health": {...}}
+
+    def health_summary(self) -> dict:
+        """The last epoch's health statistics, with its epoch number ({} when none)."""
+        last = [e for e in self.epochs if "health" in e]
+        return {"epoch": last[-1]["epoch"], **last[-1]["health"]} if last else {}
+
+
+def read_pretraining(url: str) -> Pretraining:
+    """The loss curve and per-epoch records of a metrics.jsonl; empty (with a warning) when it
+    cannot be read."""
     if not url:
-        return []
+        return Pretraining()
     try:
         text = storage.read_bytes(url).decode()
     except (FileNotFoundError, storage.StorageError, UnicodeDecodeError) as exc:
-        log.warning("no loss curve: cannot read %s (%s)", url, exc)
-        return []
-    curve = []
+        log.warning("no pretraining curves: cannot read %s (%s)", url, exc)
+        return Pretraining()
+    out = Pretraining()
     for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "loss" in record and "global_step" in record:
-            curve.append((int(record["global_step"]), float(record["loss"])))
-    return sorted(curve)
+        if not isinstance(record, dict):
+            continue
+        if "loss" in record and "global_step" in record:
+            out.curve.append((int(record["global_step"]), float(record["loss"])))
+        if "epoch_loss" in record:
+            out.epochs.append(record)
+    out.curve.sort()
+    return out
 
 
 def rows(metrics: dict) -> list[tuple[str, dict[str, tuple[float, float] | None]]]:
@@ -134,29 +156,33 @@ def markdown(metrics: dict, png_name: str = "report.png") -> str:
         f"{p['batch_size_per_rank']} x {p['world_size']}; kNN T {p['knn']['temperature']} on "
         f"`{p['knn']['feature']}`.",
         "",
+        *_health_lines(metrics.get("pretraining_health")),
         f"![benchmark]({png_name})",
         "",
     ]
     return "\n".join(lines)
 
 
-def plot_png(metrics: dict, curve: list[tuple[int, float]]) -> bytes:
+def _health_lines(health: dict | None) -> list[str]:
+    if not health:
+        return []
+    return [
+        f"Pretraining health after epoch {health['epoch']}: loss {health['loss_vs_chance']:.2f}x "
+        f"its chance value, bank mean cosine {health['bank_mean_cosine']:.3f}, alignment "
+        f"{health['alignment']:.3f}, uniformity {health['uniformity']:.3f} (see pirl.health).",
+        "",
+    ]
+
+
+def plot_png(metrics: dict, pretraining: Pretraining) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if curve:
-        ax_loss.plot([s for s, _ in curve], [v for _, v in curve], lw=1.2)
-        ax_loss.set_xlabel("global step")
-        ax_loss.set_ylabel("loss")
-    else:
-        ax_loss.text(0.5, 0.5, "no pretraining metrics", ha="center", va="center")
-        ax_loss.set_xticks([])
-        ax_loss.set_yticks([])
-    ax_loss.set_title("pretraining loss")
-
+    fig, (ax_loss, ax_health, ax_acc) = plt.subplots(1, 3, figsize=(17, 4.5))
+    _plot_loss(ax_loss, pretraining)
+    _plot_health(ax_health, pretraining)
     table = rows(metrics)
     present = _present(metrics)
     width = 0.8 / len(present)
@@ -176,6 +202,42 @@ def plot_png(metrics: dict, curve: list[tuple[int, float]]) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _empty(ax, title: str) -> None:
+    ax.text(0.5, 0.5, "no pretraining metrics", ha="center", va="center")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+
+
+def _plot_loss(ax, pretraining: Pretraining) -> None:
+    if not pretraining.curve:
+        return _empty(ax, "pretraining loss")
+    ax.plot([s for s, _ in pretraining.curve], [v for _, v in pretraining.curve], lw=1.2)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss")
+    ax.set_title("pretraining loss")
+
+
+def _plot_health(ax, pretraining: Pretraining) -> None:
+    epochs = [e for e in pretraining.epochs if "health" in e]
+    if not epochs:
+        return _empty(ax, "representation health")
+    xs = [e["epoch"] for e in epochs]
+    series = (
+        ("loss_vs_chance", "loss / chance (1 = no learning)"),
+        ("bank_mean_cosine", "bank mean cosine (1 = collapsed)"),
+        ("alignment", "alignment E||v - m||^2 (0 = aligned)"),
+        ("uniformity", "uniformity (0 = collapsed)"),
+    )
+    for key, label in series:
+        ax.plot(xs, [e["health"][key] for e in epochs], marker="o", ms=3, lw=1.2, label=label)
+    ax.axhline(1.0, color="grey", lw=0.6, ls="--")
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("epoch")
+    ax.set_title("representation health per epoch")
+    ax.legend(fontsize=7)
 
 
 def html_report(metrics: dict, png: bytes) -> str:
@@ -216,8 +278,11 @@ def flat_summary(metrics: dict) -> dict[str, float]:
     return out
 
 
-def write_reports(out_dir: str, metrics: dict, curve: list[tuple[int, float]]) -> list[str]:
-    png = plot_png(metrics, curve)
+def write_reports(out_dir: str, metrics: dict, pretraining: Pretraining) -> list[str]:
+    health = pretraining.health_summary()
+    if health:
+        metrics = {**metrics, "pretraining_health": health}
+    png = plot_png(metrics, pretraining)
     files = {
         "report.png": png,
         "report.md": markdown(metrics).encode(),

@@ -124,20 +124,32 @@ class AugmentedSamples(Dataset):
         seed: int,
         limit: int = -1,
         encoded: bool = False,
+        limit_seed: int = 0,
     ):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
-        self.n = len(images) if limit < 0 else min(limit, len(images))
+        self.chosen = limited_subset(len(images), limit, limit_seed)
+        self.n = len(self.chosen)
         self.encoded = encoded
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
+        """Sample i (the memory-bank row) is image `chosen[i]` of the source."""
         if self.encoded:
-            data, label = self.images.encoded(i)
+            data, label = self.images.encoded(self.chosen[i])
             return data, i, label
-        image, label = self.images[i]
+        image, label = self.images[self.chosen[i]]
         return seeded_transform(self.transform, image, self.seed, self.epoch, i), i, label
+
+
+def limited_subset(total: int, limit: int, seed: int) -> list[int]:
+    """DATA_LIMIT: `limit` of the `total` images drawn at random (seeded by DATA_LIMIT_SAMPLING.SEED),
+    in source order; all of them when limit < 0. Never the first `limit` (a class-ordered source
+    would give the first classes only)."""
+    if limit < 0 or limit >= total:
+        return list(range(total))
+    return sorted(random.Random(f"pirl-data-limit:{seed}").sample(range(total), limit))
 
 
 def samples_per_rank(n: int, world: int, batch_size: int) -> int:
@@ -291,7 +303,14 @@ def open_train_data(
             pin_memory=pin_memory,
             encoded=encoded,
         )
-    samples = AugmentedSamples(open_images(split), transform, seed, split.DATA_LIMIT, encoded)
+    samples = AugmentedSamples(
+        open_images(split),
+        transform,
+        seed,
+        split.DATA_LIMIT,
+        encoded,
+        limit_seed=split.DATA_LIMIT_SAMPLING.SEED,
+    )
     return TrainData(
         samples,
         rank,

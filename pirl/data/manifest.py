@@ -15,12 +15,14 @@ each sample is four members sharing the key `<index:09d>`:
     <key>.idx   the sample index within the split (the memory-bank row), decimal text
     <key>.src   the image's path relative to the prep source, UTF-8 text
 
-manifest.json ("format": "pirl-shards/1"):
+manifest.json ("format": "pirl-shards/2"):
     {"format", "source", "params": {prep parameters},
      "splits": {"train": {"num_samples", "classes": [...],
                           "shards": [{"name", "num_samples", "size", "sha256", "first_index"}]}}}
-Shard names are relative to the root. Indices run 0..num_samples-1 per split without gaps, in
-sorted (class, file) order, so a manifest alone gives the dataset length with no scan.
+Shard names are relative to the root. Indices run 0..num_samples-1 per split without gaps, so a
+manifest alone gives the dataset length with no scan. Samples are in a seeded random order
+(params.order = "shuffled"), so each shard mixes every class. Format 1 (older `pirl prep`) is
+the same layout in sorted (class, file) order: it still loads, with a warning (`class_ordered`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pirl import storage
 from pirl.errors import DataError, StorageError, StorageUnavailable
 
-FORMAT = "pirl-shards/1"
+FORMAT = "pirl-shards/2"
+CLASS_ORDERED_FORMAT = "pirl-shards/1"  # still read: same layout, samples sorted by class
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 
@@ -59,6 +62,11 @@ class Manifest:
     splits: dict[str, Split]
     format: str = FORMAT
 
+    @property
+    def class_ordered(self) -> bool:
+        """Made by an older prep that wrote samples sorted by class (batches mix few classes)."""
+        return self.format == CLASS_ORDERED_FORMAT
+
     def to_json(self) -> bytes:
         """Deterministic bytes (no timestamps), so an unchanged dataset rewrites nothing."""
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
@@ -74,9 +82,10 @@ def parse(data: bytes, where: str) -> Manifest:
     """Parse and check manifest bytes; DataError when malformed or self-inconsistent."""
     try:
         raw = json.loads(data)
-        if raw.get("format") != FORMAT:
+        if raw.get("format") not in (FORMAT, CLASS_ORDERED_FORMAT):
             raise DataError(
-                f"{where}: format {raw.get('format')!r} is not {FORMAT!r} (not made by `pirl prep`?)"
+                f"{where}: format {raw.get('format')!r} is not {FORMAT!r} (not made by `pirl prep`, "
+                "or by a newer one: upgrade pirl, or re-run `pirl prep`)"
             )
         splits = {
             name: Split(
@@ -86,7 +95,9 @@ def parse(data: bytes, where: str) -> Manifest:
             )
             for name, s in raw["splits"].items()
         }
-        manifest = Manifest(source=raw["source"], params=raw["params"], splits=splits)
+        manifest = Manifest(
+            source=raw["source"], params=raw["params"], splits=splits, format=raw["format"]
+        )
     except DataError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -288,6 +288,18 @@ class ShardTrainData:
                 f"the dataset {root!r} has no {split!r} split (it has {sorted(manifest.splits)})"
             )
         s = manifest.splits[split]
+        if manifest.class_ordered:
+            if limit >= 0:
+                raise DataError(
+                    f"DATA_LIMIT={limit} on {root!r} would keep the first classes only: the "
+                    "dataset was made by an older `pirl prep` that sorted samples by class; "
+                    "re-run `pirl prep` (it now writes them in a seeded random order)"
+                )
+            log.warning(
+                "%s was made by an older `pirl prep`: its samples are sorted by class, so a batch "
+                "mixes few classes; re-run `pirl prep` for a random order",
+                root,
+            )
         n = s.num_samples if limit < 0 else min(limit, s.num_samples)
         if n == 0:
             raise DataError(f"the {split!r} split of {root!r} is empty (DATA_LIMIT={limit})")
