@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -26,6 +27,7 @@ from pirl.data import open_train_data, sample_seed
 from pirl.errors import (
     EXIT_RETRYABLE,
     EXIT_TERMINATED,
+    ConfigError,
     DataError,
     DivergedError,
     PirlError,
@@ -59,7 +61,22 @@ def read_metrics(root: str, upto_step: int) -> list[dict]:
         lines = storage.read_bytes(url).decode().splitlines()
     except (FileNotFoundError, storage.StorageError):
         return []
-    return [r for r in map(json.loads, filter(None, lines)) if r.get("global_step", 0) <= upto_step]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = "damaged"
+        if record is not None and not isinstance(record, dict):
+            log.warning("%s line %d is not a JSON record; skipped", url, number)
+        elif record is not None and _step_of(record) <= upto_step:
+            records.append(record)
+    return records
+
+
+def _step_of(record: dict) -> int:
+    step = record.get("global_step", 0)
+    return step if isinstance(step, int) else 0
 
 
 def write_metrics(root: str, records: list[dict]) -> None:
@@ -150,6 +167,32 @@ def data_parallel(model: nn.Module, cfg: config.Config, env: dist.DistEnv) -> nn
     return torch.compile(step_model) if cfg.MODEL.COMPILE else step_model
 
 
+def describe_trunk(trunk: dict) -> str:
+    r = trunk.get("RESNETS", {})
+    return (
+        f"{trunk.get('NAME')} DEPTH={r.get('DEPTH')} WIDTH_MULTIPLIER={r.get('WIDTH_MULTIPLIER')}"
+    )
+
+
+def load_model_state(model: nn.Module, state: dict, name: str, cfg: config.Config) -> None:
+    """Load a resumed checkpoint's weights; one made by another model is a config error (the
+    run folder belongs to another architecture), naming both."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        try:
+            saved = yaml.safe_load(state.get("config") or "")["config"]["MODEL"]["TRUNK"]
+        except (yaml.YAMLError, TypeError, KeyError):
+            saved = {}
+        ours = config.to_dict(cfg)["config"]["MODEL"]["TRUNK"]
+        raise ConfigError(
+            f"{storage.join(cfg.CHECKPOINT.DIR, 'checkpoints', name)} was made by "
+            f"{describe_trunk(saved)} but this config builds {describe_trunk(ours)} (the weights "
+            f"do not fit: {str(exc).splitlines()[0]}); use another CHECKPOINT.DIR, or the run's "
+            "own model config"
+        ) from None
+
+
 def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
     root = cfg.CHECKPOINT.DIR
     device = env.device
@@ -185,7 +228,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     )
     if resumed is not None:
         state, meta = resumed
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, meta["file"], cfg)
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

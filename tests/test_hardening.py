@@ -1,0 +1,29 @@
+"""Hardening found by an adversarial pass: damaged run files, hostile values, oversized inputs.
+Each test reproduces one finding."""
+
+from __future__ import annotations
+
+import re
+
+from pirl.errors import EXIT_CONFIG
+from pirl.train import main as train_main
+
+from .conftest import npid_tiny
+
+
+def test_a_damaged_metrics_line_is_skipped_and_another_architecture_is_a_config_error(
+    tmp_path, digits_folder, capsys
+):
+    run = tmp_path / "run"
+    assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=1")) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"global_step": 1, "loss": \n[1, 2]\n')
+    assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=2")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"metrics.jsonl line \d+ is not a JSON record; skipped", out), out
+
+    depth34 = "config.MODEL.TRUNK.RESNETS.DEPTH=34"
+    assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=3", depth34)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "checkpoint-0000000002.pt was made by resnet DEPTH=18" in err
+    assert "this config builds resnet DEPTH=34" in err
