@@ -46,8 +46,13 @@ def copy_url(src: str, dst_path: str) -> None:
     """Copy an fsspec URL (or path) to a local file, streaming."""
     fs, path = storage.fs_and_path(src)
     os.makedirs(os.path.dirname(os.path.abspath(dst_path)), exist_ok=True)
-    with fs.open(path, "rb") as fin, open(dst_path, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 8 << 20)
+    size = storage.retry(f"checking {src}", lambda: fs.size(path))
+
+    def copy() -> None:
+        with fs.open(path, "rb") as fin, open(dst_path, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 8 << 20)
+
+    storage.retry(f"copying {src}", copy, nbytes=size or 0)
 
 
 def flatten_numbers(data, prefix: str = "") -> dict[str, float]:

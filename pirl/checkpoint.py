@@ -130,7 +130,7 @@ def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[di
     for meta in reversed(complete(root)):
         url = storage.join(_dir(root), meta["file"])
         try:
-            data = storage.read_bytes(url)
+            data = storage.read_bytes(url, size_hint=meta["size"])
         except storage.StorageUnavailable:
             raise  # transient: fail (retryable) rather than fall back and lose work
         except (FileNotFoundError, storage.StorageError) as exc:

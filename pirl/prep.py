@@ -97,7 +97,10 @@ def process_chunk(root: str, inputs: list[Input], params: CleanParams) -> ChunkR
     base = base.rstrip("/")
     paths = [f"{base}/{x.path}" for x in inputs]
     try:
-        blobs = fs.cat(paths, on_error="return") if paths else {}
+        timeout = storage.call_timeout(sum(max(0, x.size) for x in inputs))
+        blobs = storage.call_with_deadline(
+            lambda: fs.cat(paths, on_error="return") if paths else {}, timeout, f"reading {root}"
+        )
     except Exception:  # a backend that cannot batch: read one by one below
         blobs = {}
     out = ChunkResult()
@@ -212,7 +215,7 @@ def _reusable(dest: str, split: str, k: int, digest: str) -> ChunkState | None:
     if state.shard is None:
         return state
     try:
-        size, sha = _size_and_sha256(storage.join(dest, state.shard.name))
+        size, sha = _size_and_sha256(storage.join(dest, state.shard.name), state.shard.size)
     except FileNotFoundError:
         return None
     if (size, sha) != (state.shard.size, state.shard.sha256):
@@ -221,7 +224,7 @@ def _reusable(dest: str, split: str, k: int, digest: str) -> ChunkState | None:
     return state
 
 
-def _size_and_sha256(url: str, block: int = 8 << 20) -> tuple[int, str]:
+def _size_and_sha256(url: str, size_hint: int, block: int = 8 << 20) -> tuple[int, str]:
     """Hash an object in blocks (a shard can be hundreds of MB; several are checked at once)."""
     fs, path = storage.fs_and_path(url)
 
@@ -233,7 +236,7 @@ def _size_and_sha256(url: str, block: int = 8 << 20) -> tuple[int, str]:
                 size += len(chunk)
         return size, digest.hexdigest()
 
-    return storage.retry(f"checking {url}", run)
+    return storage.retry(f"checking {url}", run, nbytes=size_hint)
 
 
 def write_split(

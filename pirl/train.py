@@ -91,6 +91,7 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
         return _train(cfg, derived, env)
     finally:  # callers in the same process (tests, notebooks) get their own handler back
         signal.signal(signal.SIGTERM, previous)
+        storage.clear_interrupt()
 
 
 def open_data(cfg: config.Config, env: dist.DistEnv):
@@ -312,6 +313,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             }
             # metrics first: killed in between, metrics.jsonl holds every record up to the newest
             # checkpoint (a resume drops the records beyond it), never fewer
+            terminate["saving"] = True
             write_metrics(root, metrics)
             url = checkpoint.save(
                 root,
@@ -321,11 +323,18 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 global_step=global_step,
                 keep_last=cfg.CHECKPOINT.KEEP_LAST,
             )
+            terminate["saving"] = False
             log.info("checkpoint %s", url)
         dist.barrier()
 
-    terminate = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: terminate.update(flag=True))
+    terminate = {"flag": False, "saving": False}
+
+    def on_sigterm(*_) -> None:
+        terminate["flag"] = True
+        if terminate["saving"]:  # a checkpoint upload can outlast the grace period: abandon it
+            storage.interrupt()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     max_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else None
     iter_freq = cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY
 

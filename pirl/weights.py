@@ -103,7 +103,7 @@ def resolve_weights_url(url: str) -> str:
     """`url` itself, or for a run directory its exported trunk or newest complete checkpoint."""
     fs, path = storage.fs_and_path(url)
     try:
-        is_dir = fs.isdir(path)
+        is_dir = storage.retry(f"checking {url}", lambda: fs.isdir(path))
     except Exception:  # an unreachable store: reading the URL will report it
         return url
     if not is_dir:
