@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from pirl.errors import ConfigError
+from pirl.redaction import redact
 from pirl.schema import Config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -583,7 +584,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config, derived: Derived | None = None) -> str:
+    """The config as YAML, credentials in URLs removed (it goes to logs, checkpoints and files)."""
     data = to_dict(cfg)
     if derived is not None:
         data["derived"] = dataclasses.asdict(derived)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return redact(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))

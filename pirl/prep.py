@@ -28,7 +28,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import tempfile
 from collections import deque
@@ -42,6 +41,7 @@ from pirl.data.clean import MAX_PIXELS, BadImage, CleanParams, clean
 from pirl.data.sources import Input, Listing, list_source
 from pirl.data.tarshard import Record, pack
 from pirl.errors import ConfigError, DataError, PirlError, StorageError
+from pirl.redaction import redact
 
 log = logging.getLogger("pirl")
 
@@ -336,7 +336,7 @@ def _write_chunk(
 
 def public_url(url: str) -> str:
     """`url` without any user:password@ part, for manifests and messages."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    return redact(url)
 
 
 def prep(source: str, dest: str, opts: Options, *, source_label: str | None = None) -> mf.Manifest:
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             _, dest = args.paths
             manifest = prep(args.paths[0], dest, opts)
     except PirlError as exc:
-        print(f"pirl prep: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl prep: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     parts = [
         f"{name} {split.num_samples} samples in {len(split.shards)} shard(s)"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from pirl.errors import Interrupted, StorageError, StorageUnavailable
+from pirl.redaction import redact, remember_url
 
 log = logging.getLogger("pirl")
 
@@ -139,12 +139,8 @@ def _from_backend(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in BACKEND_MODULES
 
 
-def redact(text: str) -> str:
-    """`text` with any user:password@ part of the URLs in it removed (for messages and logs)."""
-    return re.sub(r"//[^/@\s'\"]*@", "//", text)
-
-
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    remember_url(url)
     options = (
         {"requests_timeout": GCS_REQUEST_TIMEOUT} if url.startswith(("gs://", "gcs://")) else {}
     )

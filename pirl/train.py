@@ -36,6 +36,7 @@ from pirl.errors import (
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
+from pirl.redaction import redact
 from pirl.transforms import build_collator, build_transform, collate_encoded
 from pirl.weights import export_torchvision
 
@@ -490,13 +491,16 @@ def main(argv: list[str] | None = None) -> int:
             if env.world_size == 1 or not is_peer_failure(exc):
                 raise
             # A peer died or a collective timed out: retryable, the restarted job resumes.
-            print(f"pirl train: lost a peer or timed out in a collective: {exc}", file=sys.stderr)
+            print(
+                redact(f"pirl train: lost a peer or timed out in a collective: {exc}"),
+                file=sys.stderr,
+            )
             return EXIT_RETRYABLE
         finally:
             dist.cleanup()
         return 0
     except PirlError as exc:
-        print(f"pirl train: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl train: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except Terminated:
         print(

@@ -27,6 +27,7 @@ from torch import nn
 
 from pirl import storage
 from pirl.errors import EXIT_CONFIG, PirlError
+from pirl.redaction import redact
 
 SHOWN = 10  # keys listed per kind in a mismatch message
 
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_trunk_weights(trunk, weights.state_dict, weights.resolved_url)
         written = export_torchvision(trunk.state_dict(), args.dest)
     except PirlError as exc:
-        print(f"pirl.weights: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl.weights: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     print(f"{arch} ({weights.format}, sha256 {weights.sha256[:12]}) -> {', '.join(written)}")
     return 0

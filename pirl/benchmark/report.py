@@ -14,6 +14,7 @@ import json
 import logging
 
 from pirl import storage
+from pirl.redaction import redact
 
 log = logging.getLogger("pirl")
 TRUNKS = (("trained", "trained"), ("random_init", "random-init"))
@@ -220,9 +221,10 @@ def write_reports(out_dir: str, metrics: dict, curve: list[tuple[int, float]]) -
     png = plot_png(metrics, curve)
     files = {
         "report.png": png,
-        "report.md": markdown(metrics).encode(),
-        "report.html": html_report(metrics, png).encode(),
-        "metrics.json": json.dumps(metrics, indent=1).encode(),  # last: its presence means done
+        "report.md": redact(markdown(metrics)).encode(),
+        "report.html": redact(html_report(metrics, png)).encode(),
+        # last: its presence means done
+        "metrics.json": redact(json.dumps(metrics, indent=1)).encode(),
     }
     urls = []
     for name, data in files.items():
