@@ -3,10 +3,14 @@ Each test reproduces one finding."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
-from pirl.errors import EXIT_CONFIG
+import pytest
+
+from pirl.data import manifest as mf
+from pirl.errors import EXIT_CONFIG, DataError
 from pirl.train import main as train_main
 
 from .conftest import npid_tiny
@@ -42,3 +46,48 @@ def test_logged_values_cannot_forge_log_lines_nor_show_credentials(caplog):
     assert "\n" not in first.getMessage() and "\x1b" not in first.getMessage()
     assert "/tmp/run\\n2026-01-01" in first.getMessage()
     assert "s3cr3t-value" not in second.getMessage() and "KEYID0042" not in second.getMessage()
+
+
+def manifest_bytes(**shard_fields) -> bytes:
+    shard = {
+        "name": "train/shard-000000.tar",
+        "num_samples": 2,
+        "size": 10240,
+        "sha256": "ab" * 32,
+        "first_index": 0,
+        **shard_fields,
+    }
+    split = {"num_samples": shard["num_samples"], "classes": ["a"], "shards": [shard]}
+    return json.dumps(
+        {"format": mf.FORMAT, "source": "s", "params": {}, "splits": {"train": split}}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("name", "../outside/secret-shard.tar"),
+        ("name", "../../../etc/passwd"),
+        ("name", "/etc/passwd"),
+        ("name", "train/../../x.tar"),
+        ("name", "s3://other-bucket/x.tar"),
+        ("sha256", "/../../../tmp/x"),
+        ("sha256", "AB" * 32 + "0"),
+        ("num_samples", 10**10),  # a tar member header alone takes 512 bytes
+        ("size", -1),
+    ],
+)
+def test_manifest_fields_are_checked_before_use(field, value):
+    with pytest.raises(DataError, match=rf"shards\[0\]\.{field}"):
+        mf.parse(manifest_bytes(**{field: value}), "m.json")
+
+
+def test_a_shard_name_outside_the_dataset_is_never_opened(tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret-shard.tar").write_bytes(b"secret")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_bytes(
+        manifest_bytes(name="../outside/secret-shard.tar")
+    )
+    with pytest.raises(DataError, match="inside the dataset"):
+        mf.load(str(tmp_path / "ds"))
