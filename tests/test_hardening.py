@@ -3,11 +3,14 @@ Each test reproduces one finding."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import tarfile
 
 import pytest
+import torch
 
 from pirl.data import manifest as mf
 from pirl.errors import EXIT_CONFIG, DataError
@@ -91,3 +94,46 @@ def test_a_shard_name_outside_the_dataset_is_never_opened(tmp_path):
     )
     with pytest.raises(DataError, match="inside the dataset"):
         mf.load(str(tmp_path / "ds"))
+
+
+def flip_bytes_in_an_image(shard, index: int, count: int = 40) -> None:
+    """Flip the low bit of `count` bytes inside the JPEG of sample `index`, making no marker:
+    the archive stays readable."""
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        member = tar.getmember(f"{index:09d}.jpg")
+    middle = member.offset_data + member.size // 2
+    for i in range(middle, middle + count):
+        if data[i] not in (0xFE, 0xFF) and data[i - 1] != 0xFF:
+            data[i] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def test_a_shard_that_does_not_match_its_checksum_counts_as_damaged(tmp_path, caplog):
+    from pirl import prep
+    from pirl.data.shards import ShardTrainData
+    from pirl.transforms import collate_single_view
+
+    from ._images import make_clean_folder
+
+    src, ds = tmp_path / "src", tmp_path / "ds"
+    make_clean_folder(src / "train", {"a": 8, "b": 8}, size=(48, 48))
+    assert prep.main([str(src), str(ds), "--shard-size", "8", "--workers", "1"]) == 0
+    flip_bytes_in_an_image(ds / "train/shard-000001.tar", 9)
+
+    def epoch(**kw) -> list[int]:
+        data = ShardTrainData(
+            str(ds),
+            transform=lambda img: torch.zeros(1),
+            collate=collate_single_view("data"),
+            batch_size=4,
+            **kw,
+        )
+        return [i for b in data.batches(0) for i in b["index"].tolist()]
+
+    with pytest.raises(DataError, match="shard-000001.tar does not match the size and sha256"):
+        epoch()  # 1 of 16 is more than the default 1%
+    with caplog.at_level(logging.WARNING, logger="pirl"):
+        got = epoch(max_bad_fraction=0.2)
+    assert set(range(16)) - set(got) <= {9}  # whether the changed JPEG decodes is libjpeg's call
+    assert "shard-000001.tar: size or sha256 differs from the manifest" in caplog.text
