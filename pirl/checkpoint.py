@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from pirl import storage
+from pirl import lease, storage
 
 log = logging.getLogger("pirl")
 PREFIX = "checkpoint-"
@@ -33,6 +33,7 @@ def _dir(root: str) -> str:
 def save(
     root: str, state: dict, *, epoch: int, step_in_epoch: int, global_step: int, keep_last: int
 ) -> str:
+    lease.check(root)  # another writer took the folder over: publish nothing more
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from pirl import storage
+from pirl import lease, storage
 from pirl.data import manifest as mf
 from pirl.data.clean import MAX_PIXELS, BadImage, CleanParams, clean
 from pirl.data.sources import Input, Listing, list_source
@@ -350,6 +350,14 @@ def prep(source: str, dest: str, opts: Options, *, source_label: str | None = No
     storage.check_writable(dest)
     source_id = source_label or public_url(source.rstrip("/"))
     out = _Dest(dest)
+    held = lease.acquire(out.url, "pirl prep", "DEST")
+    try:
+        return _prep(listing, out, opts, source_id)
+    finally:
+        held.release()
+
+
+def _prep(listing: Listing, out: _Dest, opts: Options, source_id: str) -> mf.Manifest:
     workers = max(1, opts.workers)
     pool: Executor = (
         ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -405,6 +413,7 @@ def _publish(
     manifest: mf.Manifest,
 ) -> None:
     """report.json, then manifest.json last; each only when its bytes change."""
+    lease.check(out.url)  # another prep took DEST over: publish nothing
     report = build_report(source_id, listing, states)
     _write_if_changed(out, mf.REPORT, (json.dumps(report, indent=1) + "\n").encode())
     empty = [s for s, split in manifest.splits.items() if split.num_samples == 0]

@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from pirl import checkpoint, config, dist, precision, storage
+from pirl import checkpoint, config, dist, lease, precision, storage
 from pirl.data import open_train_data, sample_seed
 from pirl.errors import (
     EXIT_RETRYABLE,
@@ -482,8 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
         setup_logging(env.rank)
         config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
+        held = None
         if env.is_main:
             storage.check_writable(cfg.CHECKPOINT.DIR)
+            held = lease.acquire(cfg.CHECKPOINT.DIR, "pirl train", "CHECKPOINT.DIR")
         seed_everything(cfg.SEED_VALUE, env.rank)
         try:
             train(cfg, derived, env)
@@ -497,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EXIT_RETRYABLE
         finally:
+            if held is not None:
+                held.release()
             dist.cleanup()
         return 0
     except PirlError as exc:
