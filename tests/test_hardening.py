@@ -137,3 +137,22 @@ def test_a_shard_that_does_not_match_its_checksum_counts_as_damaged(tmp_path, ca
         got = epoch(max_bad_fraction=0.2)
     assert set(range(16)) - set(got) <= {9}  # whether the changed JPEG decodes is libjpeg's call
     assert "shard-000001.tar: size or sha256 differs from the manifest" in caplog.text
+
+
+def test_prep_skips_and_reports_a_file_name_that_is_not_utf8(tmp_path):
+    import os
+
+    from pirl import prep
+
+    from ._images import make_clean_folder
+
+    src, ds = tmp_path / "src", tmp_path / "ds"
+    make_clean_folder(src / "train", {"a": 3}, size=(16, 16))
+    good = next((src / "train" / "a").iterdir())
+    os.link(good, os.path.join(os.fsencode(src / "train" / "a"), b"caf\xe9.jpg"))
+    assert prep.main([str(src), str(ds), "--workers", "1"]) == 0
+    report = json.loads((ds / "report.json").read_text())
+    assert report["counts"]["train"]["samples"] == 3
+    [skipped] = report["skipped"]
+    assert skipped["path"] == "train/a/caf\\xe9.jpg"
+    assert "not valid UTF-8" in skipped["reason"]
