@@ -148,10 +148,15 @@ def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[di
         try:
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as exc:  # weights_only refuses anything but tensors and plain values
+            from pirl.weights import _unpickler_detail, is_refused_pickle, refusal
+
+            why = (
+                refusal(exc) if is_refused_pickle(exc) else f"unreadable: {_unpickler_detail(exc)}"
+            )
             log.warning(
                 "checkpoint %s cannot be loaded safely (%s); falling back to the previous one",
                 url,
-                exc,
+                why,
             )
             continue
         return state, meta

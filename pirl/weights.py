@@ -170,6 +170,19 @@ def _unpickler_detail(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def is_refused_pickle(exc: Exception) -> bool:
+    """torch.load(weights_only=True) refused the file for what it would execute (not damage)."""
+    return "Unsupported global" in str(exc)
+
+
+def refusal(exc: Exception) -> str:
+    """Why a file was refused, without torch's advice to load it unsafely."""
+    return (
+        "refused to load: unpickling it would need code execution, and only tensors and plain "
+        f"values are ever loaded ({_unpickler_detail(exc)})"
+    )
+
+
 def safe_torch_load(data: bytes, source: str):
     """`torch.load(weights_only=True)`, with a clear WeightsError for corrupt or unsafe files."""
     try:
@@ -183,11 +196,8 @@ def safe_torch_load(data: bytes, source: str):
             except Exception as exc2:
                 error = exc2
         detail = _unpickler_detail(error)
-        if "Unsupported global" in str(error):
-            raise WeightsError(
-                f"{source}: refused to load: it holds objects other than tensors and plain values "
-                f"(only weights_only loading is allowed, never arbitrary unpickling): {detail}"
-            ) from None
+        if is_refused_pickle(error):
+            raise WeightsError(f"{source}: {refusal(error)}") from None
         raise WeightsError(
             f"{source}: not a readable weights file (corrupt, truncated, or another format: "
             f"expected safetensors or torch.save): {detail}"

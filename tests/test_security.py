@@ -72,7 +72,8 @@ def test_a_planted_pickle_never_runs(tmp_path, digits_folder, capsys):
     plant_checkpoint(run / "checkpoints", 9, data)
     assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=2")) == 0
     out = capsys.readouterr().out
-    assert "checkpoint-0000000009.pt cannot be loaded safely" in out
+    assert "checkpoint-0000000009.pt cannot be loaded safely (refused to load: unpickling it" in out
+    assert "weights_only=False" not in out and "`False`" not in out and "corrupt" not in out
     assert "resumed from checkpoint-0000000001.pt" in out
     assert "unpublished checkpoint-0000000009.pt" in out  # it cannot crowd out good ones
     assert [m["global_step"] for m in checkpoint.complete(str(run))] == [1, 2]
