@@ -71,6 +71,7 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    refuse_interpolations(overrides)
     ConfigStore.instance().store(
         name=f"{primary}_schema", node={"config": dataclasses.asdict(schema())}
     )
@@ -92,8 +93,27 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
     return data["config"]
 
 
+def refuse_interpolations(overrides: list[str]) -> None:
+    """Command-line values are literal: an interpolation such as ${oc.env:NAME} would resolve
+    environment variables (the storage Secret's among them) into the config and its logs."""
+    for ov in overrides:
+        if "${" in ov.partition("=")[2]:
+            raise ConfigError(
+                f"the override {ov!r} holds an interpolation (${{...}}): command-line values are "
+                "taken literally, give the value itself"
+            )
+
+
 def _explain_compose_error(exc: Exception, overrides: list[str], schema: type = Config) -> str:
+    from hydra.errors import OverrideParseException
+
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OverrideParseException):
+        culprit = next((ov for ov in overrides if ov in str(exc)), None)
+        return (
+            f"cannot parse the override {culprit or ''!r}: {text} (characters such as ; ' \" "
+            "need quoting, e.g. 'config.KEY=\"a;b\"')"
+        )
     if "You must specify 'config'" in str(exc):
         return "no preset chosen: pass config=<preset>, one of:\n  " + "\n  ".join(
             available_presets()

@@ -156,3 +156,18 @@ def test_prep_skips_and_reports_a_file_name_that_is_not_utf8(tmp_path):
     [skipped] = report["skipped"]
     assert skipped["path"] == "train/a/caf\\xe9.jpg"
     assert "not valid UTF-8" in skipped["reason"]
+
+
+def test_override_errors_say_what_is_wrong(monkeypatch):
+    from pirl import config
+    from pirl.errors import ConfigError
+
+    preset = "config=pretrain/npid/npid_demo_resnet18"
+    with pytest.raises(ConfigError, match=r"cannot parse the override 'config.CHECKPOINT.DIR=a;b'"):
+        config.load([preset, "config.CHECKPOINT.DIR=a;b"])
+    monkeypatch.setenv("PIRL_TEST_SECRET", "s3cr3t")
+    with pytest.raises(ConfigError, match="holds an interpolation") as err:
+        config.load([preset, "config.CHECKPOINT.DIR=/x/${oc.env:PIRL_TEST_SECRET}"])
+    assert "s3cr3t" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown config key 'config.CHECKPOINT.NOPE'"):
+        config.load([preset, "config.CHECKPOINT.NOPE=1"])
