@@ -44,6 +44,10 @@ HEAD_MODULES = {
 DATA_SOURCES = ("disk_folder", "shards", "synthetic")
 COLLATORS = ("default_collate", "patch_and_image_collator")
 LR_SCHEDULES = ("cosine", "multistep", "linear", "constant")
+# Sanity bounds: far above any real run (the seed's largest: batch 32 per GPU, LR 0.12), low
+# enough that a typo (an extra zero or ten) is an error instead of a run that overflows.
+MAX_BATCH_PER_REPLICA = 65536
+MAX_LR = 100.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +357,11 @@ def check(cfg: Config) -> None:
     )
     _one_of(f"{dp}.COLLATE_FUNCTION", d.COLLATE_FUNCTION, COLLATORS)
     _one_of(f"{dp}.LABEL_TYPE", d.LABEL_TYPE, ("sample_index", "standard"))
-    _require(d.BATCHSIZE_PER_REPLICA >= 1, f"{dp}.BATCHSIZE_PER_REPLICA must be >= 1")
+    _require(
+        1 <= d.BATCHSIZE_PER_REPLICA <= MAX_BATCH_PER_REPLICA,
+        f"{dp}.BATCHSIZE_PER_REPLICA must be in [1, {MAX_BATCH_PER_REPLICA}], "
+        f"got {d.BATCHSIZE_PER_REPLICA}",
+    )
     _require(cfg.DATA.NUM_DATALOADER_WORKERS >= 0, f"{c}.DATA.NUM_DATALOADER_WORKERS must be >= 0")
     _require(d.DATA_LIMIT == -1 or d.DATA_LIMIT >= 1, f"{dp}.DATA_LIMIT must be -1 (all) or >= 1")
     if d.COLLATE_FUNCTION == "patch_and_image_collator":
@@ -510,6 +518,7 @@ def derive(
 
     sched = cfg.OPTIMIZER.param_schedulers.lr
     factor, lr = scaled_lr_schedule(sched, global_batch)
+    check_lr_values(lr, global_batch)
     return Derived(
         world_size=configured_world,
         global_batch_size=global_batch,
@@ -520,6 +529,17 @@ def derive(
         num_train_samples=num_train_samples if num_train_samples is not None else -1,
         notes=notes,
     )
+
+
+def check_lr_values(lr: dict, global_batch: int) -> None:
+    values = [lr.get(k) for k in ("start_value", "end_value", "value")] + lr.get("values", [])
+    for value in values:
+        if value is not None and not (math.isfinite(value) and abs(value) <= MAX_LR):
+            raise ConfigError(
+                f"the learning rate would be {value:g} (global batch {global_batch}, "
+                f"config.OPTIMIZER.param_schedulers.lr scaled by auto_lr_scaling): more than "
+                f"{MAX_LR:g}; lower the batch size or lr.auto_lr_scaling.base_value"
+            )
 
 
 def scaled_lr_schedule(sched, global_batch: int) -> tuple[float, dict]:

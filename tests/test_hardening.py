@@ -171,3 +171,15 @@ def test_override_errors_say_what_is_wrong(monkeypatch):
     assert "s3cr3t" not in str(err.value)
     with pytest.raises(ConfigError, match="unknown config key 'config.CHECKPOINT.NOPE'"):
         config.load([preset, "config.CHECKPOINT.NOPE=1"])
+
+
+def test_absurd_batch_sizes_and_learning_rates_are_config_errors():
+    from pirl import config
+    from pirl.errors import ConfigError
+
+    preset = "config=pretrain/pirl/pirl_jigsaw_4node_resnet50"
+    with pytest.raises(ConfigError, match=r"BATCHSIZE_PER_REPLICA must be in \[1, 65536\]"):
+        config.load([preset, "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=1000000000000"])
+    base = "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value"
+    with pytest.raises(ConfigError, match=r"the learning rate would be 4e\+06 \(global batch 1024"):
+        config.load([preset, f"{base}=1000000"])
