@@ -183,3 +183,29 @@ def test_absurd_batch_sizes_and_learning_rates_are_config_errors():
     base = "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value"
     with pytest.raises(ConfigError, match=r"the learning rate would be 4e\+06 \(global batch 1024"):
         config.load([preset, f"{base}=1000000"])
+
+
+def test_the_loaders_apply_the_pixel_limit(tmp_path, monkeypatch, digits_folder):
+    """Stands in for a PNG that decodes to 12,500 x 12,500: the limit is lowered below the
+    images' 32 x 32 instead of writing a 156-Mpx image."""
+    from pirl import prep
+    from pirl.data import FolderImages, clean
+    from pirl.data.shards import ShardTrainData
+    from pirl.transforms import collate_single_view
+
+    from ._images import make_clean_folder
+
+    src, ds = tmp_path / "src", tmp_path / "ds"
+    make_clean_folder(src / "train", {"a": 4}, size=(48, 48))
+    assert prep.main([str(src), str(ds), "--workers", "1"]) == 0
+    monkeypatch.setattr(clean, "MAX_PIXELS", 1000)
+    data = ShardTrainData(
+        str(ds),
+        transform=lambda img: torch.zeros(1),
+        collate=collate_single_view("data"),
+        batch_size=4,
+    )
+    with pytest.raises(DataError, match="damaged sample"):
+        list(data.batches(0))
+    with pytest.raises(DataError, match="32x32 pixels, more than the limit of 1000"):
+        FolderImages(str(digits_folder / "train"))[0]

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pirl import storage
 from pirl.data import manifest as mf
 from pirl.data import plan, seeded_transform
+from pirl.data.clean import check_pixels
 from pirl.data.shardio import ShardStream
 from pirl.data.tarshard import Damaged, Record, unpack
 from pirl.errors import DataError, PirlError
@@ -108,6 +109,7 @@ class _Reader:
             return torch.frombuffer(bytearray(rec.image), dtype=torch.uint8), rec.index, rec.label
         try:
             with Image.open(io.BytesIO(rec.image)) as img:
+                check_pixels(img, f"sample {rec.index}")
                 image = img.convert("RGB")
         except Exception:
             return None
