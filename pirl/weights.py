@@ -266,7 +266,10 @@ def _shown(keys: list[str]) -> str:
 
 
 def describe_resnet(state: dict[str, torch.Tensor]) -> str:
-    """'ResNet-50 w1'-style guess of the architecture a state dict belongs to ('' if unsure)."""
+    """'ResNet-50 w1'-style guess of the architecture a state dict belongs to ('' if unsure).
+    Only the widths the models support, and only when the stem's weights really hold that many
+    values: a tiny file with empty tensors must not make a caller build a 1000-wide trunk."""
+    from pirl.config import WIDTH_MULTIPLIERS
     from pirl.models import LAYERS
 
     try:
@@ -276,6 +279,8 @@ def describe_resnet(state: dict[str, torch.Tensor]) -> str:
         ]
         width = state["conv1.weight"].shape[0] // 64
     except (ValueError, KeyError, IndexError):
+        return ""
+    if width not in WIDTH_MULTIPLIERS or state["conv1.weight"].shape != (64 * width, 3, 7, 7):
         return ""
     bottleneck = "layer1.0.conv3.weight" in state
     for depth, layers in LAYERS.items():

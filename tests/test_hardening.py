@@ -209,3 +209,22 @@ def test_the_loaders_apply_the_pixel_limit(tmp_path, monkeypatch, digits_folder)
         list(data.batches(0))
     with pytest.raises(DataError, match="32x32 pixels, more than the limit of 1000"):
         FolderImages(str(digits_folder / "train"))[0]
+
+
+def test_a_tiny_weights_file_cannot_make_the_converter_build_a_huge_trunk(tmp_path, capsys):
+    """664 bytes of safetensors whose empty stem says 'width 1000' (a 147 GB trunk)."""
+    from safetensors.torch import save_file
+
+    from pirl import weights
+
+    fake = {"conv1.weight": torch.zeros(64000, 0, 7, 7), "layer1.0.conv3.weight": torch.zeros(0)}
+    fake.update(
+        {
+            f"layer{i}.{b}.bn1.weight": torch.zeros(0)
+            for i, n in ((1, 3), (2, 4), (3, 6), (4, 3))
+            for b in range(n)
+        }
+    )
+    save_file(fake, tmp_path / "tiny.safetensors")
+    assert weights.main([str(tmp_path / "tiny.safetensors"), str(tmp_path / "out")]) == EXIT_CONFIG
+    assert "not a ResNet trunk this tool can rebuild" in capsys.readouterr().err
