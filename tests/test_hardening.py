@@ -228,3 +228,46 @@ def test_a_tiny_weights_file_cannot_make_the_converter_build_a_huge_trunk(tmp_pa
     save_file(fake, tmp_path / "tiny.safetensors")
     assert weights.main([str(tmp_path / "tiny.safetensors"), str(tmp_path / "out")]) == EXIT_CONFIG
     assert "not a ResNet trunk this tool can rebuild" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env,node_selector,tolerations,message",
+    [
+        ({"PET_MASTER_ADDR": "evil"}, {}, [], "PET_MASTER_ADDR is set by the operator"),
+        ({"MASTER_PORT": "1"}, {}, [], "MASTER_PORT is set by"),
+        ({"LD_PRELOAD": "/tmp/x.so"}, {}, [], "LD_PRELOAD is set by"),
+        ({"AWS_ENDPOINT_URL": "http://attacker"}, {}, [], "AWS_ENDPOINT_URL is set by"),
+        ({"A=B": "1"}, {}, [], "not an environment variable name"),
+        ({}, {"gpu": 1}, [], "train_node_selector must map label names to strings"),
+        ({}, {}, [{"key": "k", "operator": "Sometimes"}], r"train_tolerations\[0\]"),
+        ({}, {}, [{"key": "k", "command": ["sh"]}], "fields must be among"),
+        ({}, {}, {"key": "k"}, "must be a list of tolerations"),
+    ],
+)
+def test_the_train_step_refuses_reserved_env_and_malformed_pod_settings(
+    tmp_path, env, node_selector, tolerations, message
+):
+    from pipeline import steps
+
+    with pytest.raises(steps.StepError, match=message):
+        steps.train(
+            str(tmp_path / "ds"),
+            None,
+            None,
+            config="pretrain/npid/npid_demo_resnet18",
+            overrides=[],
+            num_nodes=1,
+            nproc_per_node=1,
+            gpus_per_node=0,
+            image="pirl:test",
+            run_id="r",
+            output_root=str(tmp_path / "out"),
+            env=env,
+            node_selector=node_selector,
+            tolerations=tolerations,
+            launcher="local",
+        )
+    assert not (tmp_path / "out").exists()  # nothing started
+    steps.check_pod_settings(
+        {"NCCL_DEBUG": "WARN"}, {"pool": "gpu"}, [{"key": "k", "operator": "Exists"}]
+    )
