@@ -518,7 +518,8 @@ def derive(
 
     sched = cfg.OPTIMIZER.param_schedulers.lr
     factor, lr = scaled_lr_schedule(sched, global_batch)
-    check_lr_values(lr, global_batch)
+    if sched.auto_lr_scaling.auto_scale:  # an LR given as is (auto_scale=false) is the user's
+        check_lr_values(lr, global_batch)
     return Derived(
         world_size=configured_world,
         global_batch_size=global_batch,
