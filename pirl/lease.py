@@ -108,6 +108,8 @@ class Lease:
         failing on a dead store still exits promptly (the lease then expires by itself)."""
         self._stop.set()
         _held.pop(self.root, None)
+        if storage.is_interrupted():
+            return  # SIGTERM abandoned the store calls: exit now, the lease expires by itself
 
         def delete_if_ours() -> None:
             holder = self.read_holder()

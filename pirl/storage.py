@@ -52,6 +52,10 @@ def interrupt() -> None:
     _interrupted.set()
 
 
+def is_interrupted() -> bool:
+    return _interrupted.is_set()
+
+
 def clear_interrupt() -> None:
     """Let store calls run again (a caller that handled the interrupt and goes on in-process)."""
     _interrupted.clear()

@@ -92,7 +92,6 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
         return _train(cfg, derived, env)
     finally:  # callers in the same process (tests, notebooks) get their own handler back
         signal.signal(signal.SIGTERM, previous)
-        storage.clear_interrupt()
 
 
 def open_data(cfg: config.Config, env: dist.DistEnv):
@@ -500,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RETRYABLE
         finally:
             if held is not None:
-                held.release()
+                held.release()  # not after SIGTERM stopped an upload: the lease then expires
+            storage.clear_interrupt()
             dist.cleanup()
         return 0
     except PirlError as exc:
