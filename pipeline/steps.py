@@ -50,8 +50,13 @@ def copy_url(src: str, dst_path: str) -> None:
     """Copy an fsspec URL (or path) to a local file, streaming."""
     fs, path = storage.fs_and_path(src)
     os.makedirs(os.path.dirname(os.path.abspath(dst_path)), exist_ok=True)
-    with fs.open(path, "rb") as fin, open(dst_path, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 8 << 20)
+    size = storage.retry(f"checking {src}", lambda: fs.size(path))
+
+    def copy() -> None:
+        with fs.open(path, "rb") as fin, open(dst_path, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 8 << 20)
+
+    storage.retry(f"copying {src}", copy, nbytes=size or 0)
 
 
 def flatten_numbers(data, prefix: str = "") -> dict[str, float]:
@@ -169,6 +174,67 @@ def read_jsonl(url: str) -> list[dict]:
     return records
 
 
+# Variables the operator, torchrun and the storage Secret/ConfigMap set: `train_env` may not
+# override them (a redirected endpoint would receive the credentials; LD_PRELOAD runs code).
+RESERVED_ENV_PREFIXES = ("PET_", "MASTER_", "TORCHELASTIC_", "LD_", "PYTHON")
+RESERVED_ENV_NAMES = {
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TOLERATION_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def check_pod_settings(env: dict | None, node_selector: dict | None, tolerations: list | None):
+    """Refuse what the train step's pod-level parameters must not carry, before anything is
+    submitted: reserved or malformed environment names, non-string node selectors, tolerations
+    that are not Kubernetes tolerations."""
+    for name in env or {}:
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+            raise StepError(f"train_env: {name!r} is not an environment variable name")
+        if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
+            raise StepError(
+                f"train_env: {name} is set by the operator, torchrun or the storage Secret and "
+                "ConfigMap; it cannot be overridden"
+            )
+    if not isinstance(node_selector or {}, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in (node_selector or {}).items()
+    ):
+        raise StepError(
+            f"train_node_selector must map label names to strings, got {node_selector!r}"
+        )
+    if not isinstance(tolerations or [], list):
+        raise StepError(f"train_tolerations must be a list of tolerations, got {tolerations!r}")
+    for i, t in enumerate(tolerations or []):
+        problem = None
+        if not isinstance(t, dict) or not set(t) <= TOLERATION_FIELDS:
+            problem = f"fields must be among {sorted(TOLERATION_FIELDS)}"
+        elif any(not isinstance(t.get(k, ""), str) for k in ("key", "operator", "value", "effect")):
+            problem = "key, operator, value and effect must be strings"
+        elif t.get("operator", "Equal") not in TOLERATION_OPERATORS:
+            problem = f"operator must be one of {TOLERATION_OPERATORS}"
+        elif t.get("effect", "") not in TOLERATION_EFFECTS:
+            problem = f"effect must be one of {TOLERATION_EFFECTS}"
+        elif type(t.get("tolerationSeconds", 0)) is not int:
+            problem = "tolerationSeconds must be an integer"
+        if problem:
+            raise StepError(f"train_tolerations[{i}] {t!r}: {problem}")
+
+
 def train(
     dataset_url: str,
     model,
@@ -211,6 +277,7 @@ def train(
         raise StepError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if delete_job not in DELETE_POLICIES:
         raise StepError(f"delete_job must be one of {DELETE_POLICIES}, got {delete_job!r}")
+    check_pod_settings(env, node_selector, tolerations)
     mode = launcher if launcher != "auto" else ("cluster" if in_cluster() else "local")
     run_dir = storage.join(output_root, run_id)
     ckpt = checkpoint_dir or storage.join(run_dir, "pretrain")

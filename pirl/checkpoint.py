@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from pirl import storage
+from pirl import lease, storage
 
 log = logging.getLogger("pirl")
 PREFIX = "checkpoint-"
@@ -33,6 +33,7 @@ def _dir(root: str) -> str:
 def save(
     root: str, state: dict, *, epoch: int, step_in_epoch: int, global_step: int, keep_last: int
 ) -> str:
+    lease.check(root)  # another writer took the folder over: publish nothing more
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
@@ -56,17 +57,41 @@ def save(
 
 
 def complete(root: str) -> list[dict]:
-    """Sidecars of the published checkpoints, oldest first."""
+    """Sidecars of the published checkpoints, oldest first. A sidecar that is malformed or names
+    anything but its sibling `checkpoint-<step>.pt` is ignored with a warning: retention deletes
+    what sidecars name, so one written by someone else must never point it elsewhere."""
     out = []
     for name in storage.list_names(_dir(root)):
         if name.startswith(PREFIX) and name.endswith(".json"):
             try:
-                out.append(json.loads(storage.read_bytes(storage.join(_dir(root), name))))
+                meta = json.loads(storage.read_bytes(storage.join(_dir(root), name)))
             except storage.StorageUnavailable:
                 raise  # the store is down: resuming from an older checkpoint would lose work
             except (ValueError, FileNotFoundError, storage.StorageError) as exc:
                 log.warning("ignoring unreadable checkpoint sidecar %s: %s", name, exc)
+                continue
+            problem = sidecar_problem(name, meta)
+            if problem:
+                log.warning("ignoring checkpoint sidecar %s: %s", name, problem)
+            else:
+                out.append(meta)
     return sorted(out, key=lambda m: m["global_step"])
+
+
+def sidecar_problem(name: str, meta) -> str | None:
+    """Why the sidecar `name` with content `meta` cannot be trusted, or None when it can."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    for key, kind in (("global_step", int), ("size", int), ("sha256", str), ("file", str)):
+        if type(meta.get(key)) is not kind:
+            return f"{key!r} is {meta.get(key)!r}, expected a {kind.__name__}"
+    expected = f"{PREFIX}{meta['global_step']:010d}"
+    if name != expected + ".json" or meta["file"] != expected + ".pt":
+        return (
+            f"{name} names {meta['file']!r} at global step {meta['global_step']}: a sidecar may "
+            f"only name its sibling {name[: -len('.json')]}.pt; it is never deleted nor loaded"
+        )
+    return None
 
 
 def prune(root: str, keep_last: int) -> None:
@@ -106,7 +131,7 @@ def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[di
     for meta in reversed(complete(root)):
         url = storage.join(_dir(root), meta["file"])
         try:
-            data = storage.read_bytes(url)
+            data = storage.read_bytes(url, size_hint=meta["size"])
         except storage.StorageUnavailable:
             raise  # transient: fail (retryable) rather than fall back and lose work
         except (FileNotFoundError, storage.StorageError) as exc:
@@ -123,10 +148,15 @@ def load_latest(root: str, map_location: str | torch.device = "cpu") -> tuple[di
         try:
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as exc:  # weights_only refuses anything but tensors and plain values
+            from pirl.weights import _unpickler_detail, is_refused_pickle, refusal
+
+            why = (
+                refusal(exc) if is_refused_pickle(exc) else f"unreadable: {_unpickler_detail(exc)}"
+            )
             log.warning(
                 "checkpoint %s cannot be loaded safely (%s); falling back to the previous one",
                 url,
-                exc,
+                why,
             )
             continue
         return state, meta

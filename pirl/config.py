@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from pirl.errors import ConfigError
+from pirl.redaction import redact
 from pirl.schema import Config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -46,6 +47,10 @@ HEAD_FEATURES = ("flatten", "res5avg")  # trunk features a head may read (both: 
 DATA_SOURCES = ("disk_folder", "disk_filelist", "shards", "synthetic")
 COLLATORS = ("default_collate", "patch_and_image_collator")
 LR_SCHEDULES = ("cosine", "multistep", "linear", "constant")
+# Sanity bounds: far above any real run (the seed's largest: batch 32 per GPU, LR 0.12), low
+# enough that a typo (an extra zero or ten) is an error instead of a run that overflows.
+MAX_BATCH_PER_REPLICA = 65536
+MAX_LR = 100.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +79,7 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
     from omegaconf.errors import OmegaConfBaseException
 
     refuse_sweeps(overrides)
+    refuse_interpolations(overrides)
     ConfigStore.instance().store(
         name=f"{primary}_schema", node={"config": dataclasses.asdict(schema())}
     )
@@ -117,8 +123,27 @@ def refuse_sweeps(overrides: list[str]) -> None:
         )
 
 
+def refuse_interpolations(overrides: list[str]) -> None:
+    """Command-line values are literal: an interpolation such as ${oc.env:NAME} would resolve
+    environment variables (the storage Secret's among them) into the config and its logs."""
+    for ov in overrides:
+        if "${" in ov.partition("=")[2]:
+            raise ConfigError(
+                f"the override {ov!r} holds an interpolation (${{...}}): command-line values are "
+                "taken literally, give the value itself"
+            )
+
+
 def _explain_compose_error(exc: Exception, overrides: list[str], schema: type = Config) -> str:
+    from hydra.errors import OverrideParseException
+
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OverrideParseException):
+        culprit = next((ov for ov in overrides if ov in str(exc)), None)
+        return (
+            f"cannot parse the override {culprit or ''!r}: {text} (characters such as ; ' \" "
+            "need quoting, e.g. 'config.KEY=\"a;b\"')"
+        )
     if "You must specify 'config'" in str(exc):
         return "no preset chosen: pass config=<preset>, one of:\n  " + "\n  ".join(
             available_presets()
@@ -366,7 +391,11 @@ def check(cfg: Config) -> None:
     )
     _one_of(f"{dp}.COLLATE_FUNCTION", d.COLLATE_FUNCTION, COLLATORS)
     _one_of(f"{dp}.LABEL_TYPE", d.LABEL_TYPE, ("sample_index", "standard"))
-    _require(d.BATCHSIZE_PER_REPLICA >= 1, f"{dp}.BATCHSIZE_PER_REPLICA must be >= 1")
+    _require(
+        1 <= d.BATCHSIZE_PER_REPLICA <= MAX_BATCH_PER_REPLICA,
+        f"{dp}.BATCHSIZE_PER_REPLICA must be in [1, {MAX_BATCH_PER_REPLICA}], "
+        f"got {d.BATCHSIZE_PER_REPLICA}",
+    )
     _require(cfg.DATA.NUM_DATALOADER_WORKERS >= 0, f"{c}.DATA.NUM_DATALOADER_WORKERS must be >= 0")
     check_data_limit(d, dp)
     if d.COLLATE_FUNCTION == "patch_and_image_collator":
@@ -561,6 +590,8 @@ def derive(
 
     sched = cfg.OPTIMIZER.param_schedulers.lr
     factor, lr = scaled_lr_schedule(sched, global_batch)
+    if sched.auto_lr_scaling.auto_scale:  # an LR given as is (auto_scale=false) is the user's
+        check_lr_values(lr, global_batch)
     return Derived(
         world_size=configured_world,
         global_batch_size=global_batch,
@@ -571,6 +602,17 @@ def derive(
         num_train_samples=num_train_samples if num_train_samples is not None else -1,
         notes=notes,
     )
+
+
+def check_lr_values(lr: dict, global_batch: int) -> None:
+    values = [lr.get(k) for k in ("start_value", "end_value", "value")] + lr.get("values", [])
+    for value in values:
+        if value is not None and not (math.isfinite(value) and abs(value) <= MAX_LR):
+            raise ConfigError(
+                f"the learning rate would be {value:g} (global batch {global_batch}, "
+                f"config.OPTIMIZER.param_schedulers.lr scaled by auto_lr_scaling): more than "
+                f"{MAX_LR:g}; lower the batch size or lr.auto_lr_scaling.base_value"
+            )
 
 
 def scaled_lr_schedule(sched, global_batch: int) -> tuple[float, dict]:
@@ -655,7 +697,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config, derived: Derived | None = None) -> str:
+    """The config as YAML, credentials in URLs removed (it goes to logs, checkpoints and files)."""
     data = to_dict(cfg)
     if derived is not None:
         data["derived"] = dataclasses.asdict(derived)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return redact(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))

@@ -45,5 +45,13 @@ class StorageUnavailable(StorageError):
     exit_code = EXIT_RETRYABLE
 
 
+class Interrupted(PirlError):
+    """SIGTERM arrived while the process waited on the store: the call was abandoned (nothing is
+    half-published: an object store write appears whole or not at all, and a checkpoint counts
+    only once its sidecar, written last, exists)."""
+
+    exit_code = EXIT_TERMINATED
+
+
 class RetryableError(PirlError):
     exit_code = EXIT_RETRYABLE

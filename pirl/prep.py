@@ -30,7 +30,6 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 import sys
 import tempfile
 from collections import deque
@@ -38,12 +37,13 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from pirl import storage
+from pirl import lease, storage
 from pirl.data import manifest as mf
 from pirl.data.clean import MAX_PIXELS, BadImage, CleanParams, clean
 from pirl.data.sources import Input, Listing, list_source
 from pirl.data.tarshard import Record, pack
 from pirl.errors import ConfigError, DataError, PirlError, StorageError
+from pirl.redaction import redact
 
 log = logging.getLogger("pirl")
 
@@ -100,7 +100,10 @@ def process_chunk(root: str, inputs: list[Input], params: CleanParams) -> ChunkR
     base = base.rstrip("/")
     paths = [f"{base}/{x.path}" for x in inputs]
     try:
-        blobs = fs.cat(paths, on_error="return") if paths else {}
+        timeout = storage.call_timeout(sum(max(0, x.size) for x in inputs))
+        blobs = storage.call_with_deadline(
+            lambda: fs.cat(paths, on_error="return") if paths else {}, timeout, f"reading {root}"
+        )
     except Exception:  # a backend that cannot batch: read one by one below
         blobs = {}
     out = ChunkResult()
@@ -215,7 +218,7 @@ def _reusable(dest: str, split: str, k: int, digest: str) -> ChunkState | None:
     if state.shard is None:
         return state
     try:
-        size, sha = _size_and_sha256(storage.join(dest, state.shard.name))
+        size, sha = _size_and_sha256(storage.join(dest, state.shard.name), state.shard.size)
     except FileNotFoundError:
         return None
     if (size, sha) != (state.shard.size, state.shard.sha256):
@@ -224,7 +227,7 @@ def _reusable(dest: str, split: str, k: int, digest: str) -> ChunkState | None:
     return state
 
 
-def _size_and_sha256(url: str, block: int = 8 << 20) -> tuple[int, str]:
+def _size_and_sha256(url: str, size_hint: int, block: int = 8 << 20) -> tuple[int, str]:
     """Hash an object in blocks (a shard can be hundreds of MB; several are checked at once)."""
     fs, path = storage.fs_and_path(url)
 
@@ -236,7 +239,7 @@ def _size_and_sha256(url: str, block: int = 8 << 20) -> tuple[int, str]:
                 size += len(chunk)
         return size, digest.hexdigest()
 
-    return storage.retry(f"checking {url}", run)
+    return storage.retry(f"checking {url}", run, nbytes=size_hint)
 
 
 def write_split(
@@ -336,7 +339,7 @@ def _write_chunk(
 
 def public_url(url: str) -> str:
     """`url` without any user:password@ part, for manifests and messages."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    return redact(url)
 
 
 def prep(source: str, dest: str, opts: Options, *, source_label: str | None = None) -> mf.Manifest:
@@ -350,6 +353,14 @@ def prep(source: str, dest: str, opts: Options, *, source_label: str | None = No
     storage.check_writable(dest)
     source_id = source_label or public_url(source.rstrip("/"))
     out = _Dest(dest)
+    held = lease.acquire(out.url, "pirl prep", "DEST")
+    try:
+        return _prep(listing, out, opts, source_id)
+    finally:
+        held.release()
+
+
+def _prep(listing: Listing, out: _Dest, opts: Options, source_id: str) -> mf.Manifest:
     workers = max(1, opts.workers)
     pool: Executor = (
         ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -413,6 +424,7 @@ def _publish(
     manifest: mf.Manifest,
 ) -> None:
     """report.json, then manifest.json last; each only when its bytes change."""
+    lease.check(out.url)  # another prep took DEST over: publish nothing
     report = build_report(source_id, listing, states)
     _write_if_changed(out, mf.REPORT, (json.dumps(report, indent=1) + "\n").encode())
     empty = [s for s, split in manifest.splits.items() if split.num_samples == 0]
@@ -559,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             _, dest = args.paths
             manifest = prep(args.paths[0], dest, opts)
     except PirlError as exc:
-        print(f"pirl prep: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl prep: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     parts = [
         f"{name} {split.num_samples} samples in {len(split.shards)} shard(s)"

@@ -18,14 +18,16 @@ import sys
 import time
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
-from pirl import checkpoint, config, dist, precision, storage
+from pirl import checkpoint, config, dist, lease, precision, storage
 from pirl.data import open_train_data, sample_seed
 from pirl.errors import (
     EXIT_RETRYABLE,
     EXIT_TERMINATED,
+    ConfigError,
     DataError,
     DivergedError,
     PirlError,
@@ -35,6 +37,7 @@ from pirl.health import HealthMeter, collapse_warning
 from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
+from pirl.redaction import redact
 from pirl.transforms import build_collator, build_transform, collate_encoded
 from pirl.weights import export_torchvision
 
@@ -60,7 +63,22 @@ def read_metrics(root: str, upto_step: int) -> list[dict]:
         lines = storage.read_bytes(url).decode().splitlines()
     except (FileNotFoundError, storage.StorageError):
         return []
-    return [r for r in map(json.loads, filter(None, lines)) if r.get("global_step", 0) <= upto_step]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = "damaged"
+        if record is not None and not isinstance(record, dict):
+            log.warning("%s line %d is not a JSON record; skipped", url, number)
+        elif record is not None and _step_of(record) <= upto_step:
+            records.append(record)
+    return records
+
+
+def _step_of(record: dict) -> int:
+    step = record.get("global_step", 0)
+    return step if isinstance(step, int) else 0
 
 
 def write_metrics(root: str, records: list[dict]) -> None:
@@ -151,6 +169,32 @@ def data_parallel(model: nn.Module, cfg: config.Config, env: dist.DistEnv) -> nn
     return torch.compile(step_model) if cfg.MODEL.COMPILE else step_model
 
 
+def describe_trunk(trunk: dict) -> str:
+    r = trunk.get("RESNETS", {})
+    return (
+        f"{trunk.get('NAME')} DEPTH={r.get('DEPTH')} WIDTH_MULTIPLIER={r.get('WIDTH_MULTIPLIER')}"
+    )
+
+
+def load_model_state(model: nn.Module, state: dict, name: str, cfg: config.Config) -> None:
+    """Load a resumed checkpoint's weights; one made by another model is a config error (the
+    run folder belongs to another architecture), naming both."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        try:
+            saved = yaml.safe_load(state.get("config") or "")["config"]["MODEL"]["TRUNK"]
+        except (yaml.YAMLError, TypeError, KeyError):
+            saved = {}
+        ours = config.to_dict(cfg)["config"]["MODEL"]["TRUNK"]
+        raise ConfigError(
+            f"{storage.join(cfg.CHECKPOINT.DIR, 'checkpoints', name)} was made by "
+            f"{describe_trunk(saved)} but this config builds {describe_trunk(ours)} (the weights "
+            f"do not fit: {str(exc).splitlines()[0]}); use another CHECKPOINT.DIR, or the run's "
+            "own model config"
+        ) from None
+
+
 def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
     root = cfg.CHECKPOINT.DIR
     device = env.device
@@ -187,7 +231,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     )
     if resumed is not None:
         state, meta = resumed
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, meta["file"], cfg)
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -271,6 +315,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             }
             # metrics first: killed in between, metrics.jsonl holds every record up to the newest
             # checkpoint (a resume drops the records beyond it), never fewer
+            terminate["saving"] = True
             write_metrics(root, metrics)
             url = checkpoint.save(
                 root,
@@ -280,11 +325,18 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 global_step=global_step,
                 keep_last=cfg.CHECKPOINT.KEEP_LAST,
             )
+            terminate["saving"] = False
             log.info("checkpoint %s", url)
         dist.barrier()
 
-    terminate = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: terminate.update(flag=True))
+    terminate = {"flag": False, "saving": False}
+
+    def on_sigterm(*_) -> None:
+        terminate["flag"] = True
+        if terminate["saving"]:  # a checkpoint upload can outlast the grace period: abandon it
+            storage.interrupt()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     max_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else None
     iter_freq = cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY
 
@@ -444,8 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
         setup_logging(env.rank)
         config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
+        held = None
         if env.is_main:
             storage.check_writable(cfg.CHECKPOINT.DIR)
+            held = lease.acquire(cfg.CHECKPOINT.DIR, "pirl train", "CHECKPOINT.DIR")
         seed_everything(cfg.SEED_VALUE, env.rank)
         try:
             train(cfg, derived, env)
@@ -453,13 +507,19 @@ def main(argv: list[str] | None = None) -> int:
             if env.world_size == 1 or not is_peer_failure(exc):
                 raise
             # A peer died or a collective timed out: retryable, the restarted job resumes.
-            print(f"pirl train: lost a peer or timed out in a collective: {exc}", file=sys.stderr)
+            print(
+                redact(f"pirl train: lost a peer or timed out in a collective: {exc}"),
+                file=sys.stderr,
+            )
             return EXIT_RETRYABLE
         finally:
+            if held is not None:
+                held.release()  # not after SIGTERM stopped an upload: the lease then expires
+            storage.clear_interrupt()
             dist.cleanup()
         return 0
     except PirlError as exc:
-        print(f"pirl train: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl train: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except Terminated:
         print(

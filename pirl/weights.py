@@ -32,6 +32,7 @@ from torch import nn
 
 from pirl import storage
 from pirl.errors import EXIT_CONFIG, PirlError
+from pirl.redaction import redact
 
 SHOWN = 10  # keys listed per kind in a mismatch message
 
@@ -110,7 +111,7 @@ def resolve_weights_url(url: str) -> str:
     """`url` itself, or for a run directory its exported trunk or newest complete checkpoint."""
     fs, path = storage.fs_and_path(url)
     try:
-        is_dir = fs.isdir(path)
+        is_dir = storage.retry(f"checking {url}", lambda: fs.isdir(path))
     except Exception:  # an unreachable store: reading the URL will report it
         return url
     if not is_dir:
@@ -174,6 +175,19 @@ def _unpickler_detail(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def is_refused_pickle(exc: Exception) -> bool:
+    """torch.load(weights_only=True) refused the file for what it would execute (not damage)."""
+    return "Unsupported global" in str(exc)
+
+
+def refusal(exc: Exception) -> str:
+    """Why a file was refused, without torch's advice to load it unsafely."""
+    return (
+        "refused to load: unpickling it would need code execution, and only tensors and plain "
+        f"values are ever loaded ({_unpickler_detail(exc)})"
+    )
+
+
 def safe_torch_load(data: bytes, source: str):
     """`torch.load(weights_only=True)`, with a clear WeightsError for corrupt or unsafe files."""
     try:
@@ -187,11 +201,8 @@ def safe_torch_load(data: bytes, source: str):
             except Exception as exc2:
                 error = exc2
         detail = _unpickler_detail(error)
-        if "Unsupported global" in str(error):
-            raise WeightsError(
-                f"{source}: refused to load: it holds objects other than tensors and plain values "
-                f"(only weights_only loading is allowed, never arbitrary unpickling): {detail}"
-            ) from None
+        if is_refused_pickle(error):
+            raise WeightsError(f"{source}: {refusal(error)}") from None
         raise WeightsError(
             f"{source}: not a readable weights file (corrupt, truncated, or another format: "
             f"expected safetensors or torch.save): {detail}"
@@ -275,7 +286,10 @@ def _shown(keys: list[str]) -> str:
 
 
 def describe_resnet(state: dict[str, torch.Tensor]) -> str:
-    """'ResNet-50 w1'-style guess of the architecture a state dict belongs to ('' if unsure)."""
+    """'ResNet-50 w1'-style guess of the architecture a state dict belongs to ('' if unsure).
+    Only the widths the models support, and only when the stem's weights really hold that many
+    values: a tiny file with empty tensors must not make a caller build a 1000-wide trunk."""
+    from pirl.config import WIDTH_MULTIPLIERS
     from pirl.models import LAYERS
 
     try:
@@ -285,6 +299,8 @@ def describe_resnet(state: dict[str, torch.Tensor]) -> str:
         ]
         width = state["conv1.weight"].shape[0] // 64
     except (ValueError, KeyError, IndexError):
+        return ""
+    if width not in WIDTH_MULTIPLIERS or state["conv1.weight"].shape != (64 * width, 3, 7, 7):
         return ""
     bottleneck = "layer1.0.conv3.weight" in state
     for depth, layers in LAYERS.items():
@@ -443,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             written = export_torchvision(trunk.state_dict(), args.dest)
     except PirlError as exc:
-        print(f"pirl.weights: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl.weights: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     print(f"{arch} ({weights.format}, sha256 {weights.sha256[:12]}) -> {', '.join(written)}")
     return 0

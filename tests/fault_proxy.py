@@ -11,7 +11,8 @@ Actions: "500" (InternalError), "503" (SlowDown), "403" (InvalidAccessKeyId: wha
 bad credentials), "drop" (close without an answer), "reset" (TCP RST), "stall" (hold the request
 `seconds`, then close), "truncate" (forward, but cut the response after `limit` bytes). A rule
 applies to the next `times` matching requests (None: all of them); requests no rule matches are
-forwarded. Each connection carries one request: the proxy adds `Connection: close`, so every
+forwarded. A rule's `hook` runs when a request matches it, before its action (e.g. to freeze the
+server behind the proxy with SIGSTOP just as a checkpoint upload starts). Each connection carries one request: the proxy adds `Connection: close`, so every
 request is seen and can be faulted. Loopback only; every socket wait is bounded (IO_TIMEOUT),
 stalls by MAX_STALL; `close()` ends everything.
 """
@@ -23,6 +24,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -48,6 +50,7 @@ class Rule:
     times: int | None = 1
     seconds: float = 0.0  # stall
     limit: int = 1024  # truncate: response bytes let through
+    hook: Callable[[], None] | None = None  # called when a request matches, before the action
     hits: int = 0
 
     def matches(self, method: str, target: str) -> bool:
@@ -149,6 +152,8 @@ class FaultProxy:
                     rule.hits += 1
                 action = rule.action if rule else "pass"
                 self.seen.append(Seen(time.monotonic(), method, target, action))
+            if rule and rule.hook:
+                rule.hook()
             if action in ("pass", "truncate"):
                 self._forward(client, head, limit=rule.limit if rule else None)
             elif action in ERRORS:

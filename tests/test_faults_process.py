@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pirl import storage
+from pirl import lease, storage
 
 from .conftest import free_port, subprocess_env
 from .fault_jobs import (
@@ -49,10 +49,11 @@ HANG_TIMEOUT = 6  # DISTRIBUTED.TIMEOUT_SECONDS of the hung-peer segment
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """The run's outputs (not its lease, which a running job renews and a stopping one deletes)."""
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in root.rglob("*")
-        if p.is_file()
+        if p.is_file() and p.name != lease.NAME
     }
 
 

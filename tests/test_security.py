@@ -16,12 +16,16 @@ test_pod_policy and test_rbac_is_the_launchers_and_namespaced, and tests/test_im
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,7 +72,8 @@ def test_a_planted_pickle_never_runs(tmp_path, digits_folder, capsys):
     plant_checkpoint(run / "checkpoints", 9, data)
     assert train_main(npid_tiny(run, digits_folder, "config.MAX_STEPS=2")) == 0
     out = capsys.readouterr().out
-    assert "checkpoint-0000000009.pt cannot be loaded safely" in out
+    assert "checkpoint-0000000009.pt cannot be loaded safely (refused to load: unpickling it" in out
+    assert "weights_only=False" not in out and "`False`" not in out and "corrupt" not in out
     assert "resumed from checkpoint-0000000001.pt" in out
     assert "unpublished checkpoint-0000000009.pt" in out  # it cannot crowd out good ones
     assert [m["global_step"] for m in checkpoint.complete(str(run))] == [1, 2]
@@ -170,3 +175,97 @@ def test_no_secret_in_logs_outputs_configs_pipeline_or_manifests(
     assert not bad, f"secret values found: {bad}"
     assert len(found) > 15, sorted(found)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE["AWS_SECRET_ACCESS_KEY"]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """A plain HTTP server for `folder` on 127.0.0.1 (it ignores credentials); yields its URL."""
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+URL_SECRET = "PIRL-URL-PASSWORD-7f3a9c"
+
+
+def files_holding(root: Path, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_password_in_a_dataset_url_appears_in_no_log_message_or_file(tmp_path, capsys):
+    """An http://user:password@host dataset works; its password must not reach the train and
+    benchmark logs, their error messages, train_config.yaml, the checkpoints, metrics.json,
+    report.md or report.html."""
+    from pirl.benchmark.cli import main as benchmark_main
+
+    src, served = tmp_path / "src", tmp_path / "served"
+    make_clean_folder(src / "train", {"a": 8, "b": 8}, size=(48, 48))
+    make_clean_folder(src / "val", {"a": 4, "b": 4}, size=(48, 48))
+    assert prep.main([str(src), str(served / "ds"), "--shard-size", "8", "--workers", "1"]) == 0
+    run, bench = tmp_path / "run", tmp_path / "bench"
+    with http_server(served) as base:
+        data = base.replace("http://", f"http://pirl:{URL_SECRET}@") + "/ds"
+        train_args = [
+            "config=pretrain/npid/npid_demo_resnet18",
+            "config.DATA.TRAIN.DATA_SOURCES=[shards]",
+            f"config.DATA.TRAIN.DATA_PATHS=[{data}]",
+            "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+            "config.DATA.NUM_DATALOADER_WORKERS=0",
+            "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8",
+            "config.OPTIMIZER.num_epochs=1",
+            f"config.CHECKPOINT.DIR={run}",
+        ]
+        assert train_main(train_args) == 0
+        assert train_main([*train_args, "--dry-run"]) == 0
+        missing = [a.replace("/ds]", "/nope]") for a in train_args]
+        assert train_main(missing) == 3  # the error names the URL
+        assert (
+            benchmark_main(
+                [
+                    "config=benchmark/linear_image_classification/demo/eval_resnet18_demo_linear",
+                    "config.DATA.TRAIN.DATA_SOURCES=[shards]",
+                    "config.DATA.TEST.DATA_SOURCES=[shards]",
+                    f"config.DATA.TRAIN.DATA_PATHS=[{data}]",
+                    f"config.DATA.TEST.DATA_PATHS=[{data}]",
+                    "config.DATA.NUM_DATALOADER_WORKERS=0",
+                    f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={run}",
+                    f"config.PRETRAIN_METRICS={run}/metrics.jsonl",
+                    "config.OPTIMIZER.num_epochs=1",
+                    f"config.OUTPUT_DIR={bench}",
+                    "config.MACHINE.DEVICE=cpu",
+                ]
+            )
+            == 0
+        )
+    out = capsys.readouterr()
+    assert URL_SECRET not in out.out + out.err, out.out + out.err
+    assert (bench / "report.html").exists() and (run / "train_config.yaml").exists()
+    assert files_holding(tmp_path / "run", URL_SECRET) == []
+    assert files_holding(tmp_path / "bench", URL_SECRET) == []
+
+
+def test_credentials_in_an_s3_url_appear_in_no_error(s3_bucket, tmp_path, capsys):
+    """s3fs does not take credentials from a URL: they end up in the bucket name, and botocore
+    quotes that name in its error."""
+    src = tmp_path / "src"
+    make_clean_folder(src / "train", {"a": 2}, size=(16, 16))
+    url = f"s3://AKIAPIRLURLKEY0042:{URL_SECRET}@{s3_bucket.removeprefix('s3://')}/ds"
+    assert prep.main([str(src), url, "--workers", "1"]) != 0
+    assert (
+        train_main(npid_tiny(tmp_path / "run", src, f"config.DATA.TRAIN.DATA_PATHS=[{url}]")) != 0
+    )
+    out = capsys.readouterr()
+    for secret in (URL_SECRET, "AKIAPIRLURLKEY0042"):
+        assert secret not in out.out + out.err, out.out + out.err

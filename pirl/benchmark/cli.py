@@ -10,6 +10,7 @@ from pirl import dist, storage
 from pirl.benchmark import config
 from pirl.config import override_parser
 from pirl.errors import PirlError
+from pirl.redaction import redact
 from pirl.train import setup_logging
 
 log = logging.getLogger("pirl")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.cleanup()
         return 0
     except PirlError as exc:
-        print(f"pirl benchmark: error: {exc}", file=sys.stderr)
+        print(redact(f"pirl benchmark: error: {exc}"), file=sys.stderr)
         return exc.exit_code
 
 

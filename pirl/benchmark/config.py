@@ -12,6 +12,7 @@ from pirl import config as base
 from pirl.benchmark.schema import BenchmarkConfig
 from pirl.config import _one_of, _require
 from pirl.errors import ConfigError
+from pirl.redaction import redact
 
 FEATURES = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
 POOL_OPS = {"AvgPool2d": (1, 3), "AdaptiveAvgPool2d": (1, 1), "Identity": (0, 0)}  # arg counts
@@ -204,4 +205,4 @@ def dump_yaml(cfg: BenchmarkConfig, derived: BenchDerived | None = None) -> str:
     data: dict = {"config": dataclasses.asdict(cfg)}
     if derived is not None:
         data["derived"] = dataclasses.asdict(derived)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return redact(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pirl import storage
+from pirl.redaction import redact
 
 log = logging.getLogger("pirl")
 TRUNKS = (("trained", "trained"), ("random_init", "random-init"))
@@ -285,9 +286,10 @@ def write_reports(out_dir: str, metrics: dict, pretraining: Pretraining) -> list
     png = plot_png(metrics, pretraining)
     files = {
         "report.png": png,
-        "report.md": markdown(metrics).encode(),
-        "report.html": html_report(metrics, png).encode(),
-        "metrics.json": json.dumps(metrics, indent=1).encode(),  # last: its presence means done
+        "report.md": redact(markdown(metrics)).encode(),
+        "report.html": redact(html_report(metrics, png)).encode(),
+        # last: its presence means done
+        "metrics.json": redact(json.dumps(metrics, indent=1)).encode(),
     }
     urls = []
     for name, data in files.items():

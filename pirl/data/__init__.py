@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pirl.data.clean import BadImage, check_pixels
 from pirl.errors import DataError
 from pirl.schema import DataSplit
 
@@ -86,8 +87,9 @@ class FolderImages(Dataset):
         path, label = self.folder.samples[i]
         try:
             with Image.open(path) as img:
+                check_pixels(img, path)
                 return img.convert("RGB"), label
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError, BadImage) as exc:
             # A folder is read as is (no prep report): name the file and stop; `pirl prep`
             # skips and lists such files instead.
             raise DataError(

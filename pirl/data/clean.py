@@ -42,6 +42,16 @@ class Cleaned:
     passed_through: bool  # the input bytes are stored unchanged
 
 
+def check_pixels(img: Image.Image, source: str) -> None:
+    """Refuse, from its header alone, an image with more than MAX_PIXELS pixels (the loaders
+    apply prep's decompression-bomb limit too: a small file can decode to gigabytes)."""
+    if img.width * img.height > MAX_PIXELS:
+        raise BadImage(
+            f"{source}: {img.width}x{img.height} pixels, more than the limit of {MAX_PIXELS} "
+            "(a decompression bomb?)"
+        )
+
+
 def clean(raw: bytes, params: CleanParams) -> Cleaned:
     """Validate by decoding fully; convert to upright RGB; maybe shrink; encode. Raises BadImage."""
     if not raw:

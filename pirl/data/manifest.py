@@ -28,6 +28,7 @@ the same layout in sorted (class, file) order: it still loads, with a warning (`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 from pirl import storage
@@ -35,6 +36,8 @@ from pirl.errors import DataError, StorageError, StorageUnavailable
 
 FORMAT = "pirl-shards/2"
 CLASS_ORDERED_FORMAT = "pirl-shards/1"  # still read: same layout, samples sorted by class
+MIN_SAMPLE_BYTES = 4 * 512  # four tar members, each at least a 512-byte header
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 
@@ -103,8 +106,40 @@ def parse(data: bytes, where: str) -> Manifest:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
     for name, split in manifest.splits.items():
+        for i, shard in enumerate(split.shards):
+            check_shard_fields(shard, f"{where} split {name!r}: shards[{i}]")
         check_split(split, f"{where} split {name!r}")
     return manifest
+
+
+def check_shard_fields(shard: Shard, where: str) -> None:
+    """A manifest's fields are used as paths (the shard name, the cache file named by the hash)
+    and to size things: anything but a relative path inside the dataset root, a 64-hex sha256
+    and counts a shard of that size can hold is refused, naming the field."""
+    name = shard.name
+    parts = name.split("/") if isinstance(name, str) else []
+    if (
+        not parts
+        or name.startswith("/")
+        or "\\" in name
+        or ":" in name
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise DataError(
+            f"{where}.name {name!r} is not a relative path inside the dataset root (shard names "
+            "are like 'train/shard-000000.tar'); re-run `pirl prep`, or fix the manifest"
+        )
+    if not isinstance(shard.sha256, str) or not _SHA256.fullmatch(shard.sha256):
+        raise DataError(f"{where}.sha256 {shard.sha256!r} is not 64 lowercase hex characters")
+    for field_name in ("num_samples", "size", "first_index"):
+        value = getattr(shard, field_name)
+        if type(value) is not int or value < 0:
+            raise DataError(f"{where}.{field_name} {value!r} is not a non-negative integer")
+    if shard.num_samples * MIN_SAMPLE_BYTES > shard.size:
+        raise DataError(
+            f"{where}.num_samples {shard.num_samples} cannot fit in its {shard.size} bytes (a "
+            f"sample takes at least {MIN_SAMPLE_BYTES}): the manifest is wrong"
+        )
 
 
 def check_split(split: Split, where: str) -> None:

@@ -3,7 +3,9 @@
 Why a thread of ranged reads rather than `fs.open`: every read is a small stateless request that
 `storage.retry` can repeat after a transient error, the next chunks download while the worker
 decodes the current ones, and memory stays bounded (`depth` chunks per open shard) whatever
-the shard size. The sha256 of the whole object is checked when the reader reaches its end.
+the shard size. The sha256 of the whole object is checked when the reader reaches its end;
+`finish()` reads the rest of a shard whose samples were all taken, so that every shard read is
+checked.
 
 The cache (`cache_dir`) keeps whole remote shards on local disk, named by their sha256, so a
 second epoch reads from disk; it is filled as a side effect of a complete read and kept under
@@ -140,13 +142,22 @@ class ShardStream:
             self._eof = True
             if self.verified is False:
                 log.warning(
-                    "%s: size or sha256 differs from the manifest (its records are checked one "
-                    "by one)",
+                    "%s: size or sha256 differs from the manifest (damaged): counted as a damaged "
+                    "sample",
                     self.url,
                 )
             return False
         self._buf, self._off = item, 0
         return True
+
+    def finish(self) -> bool:
+        """Read the rest of the shard, discarding it, and close: whether its size and sha256
+        matched the manifest."""
+        while not self._eof:
+            self._off = len(self._buf)
+            self._next_chunk()
+        self.close()
+        return bool(self.verified)
 
     def close(self) -> None:
         self._stop.set()

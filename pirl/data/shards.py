@@ -13,6 +13,9 @@ batches.) A sample's augmentation is seeded by (seed, epoch, index) as in Augmen
 A damaged sample (unreadable member, image that does not decode, missing from its shard) is
 dropped from its batch with a warning; a worker that finds more than `max_bad_fraction` of its
 samples damaged raises DataError, and so does a shard whose indices disagree with the manifest.
+Every shard read is read to its end and checked against the manifest's size and sha256; one
+that does not match counts as one more damaged sample (damage that still decodes, e.g. flipped
+bytes inside a JPEG, is found only this way), with a warning naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pirl import storage
 from pirl.data import manifest as mf
 from pirl.data import plan, seeded_transform
+from pirl.data.clean import check_pixels
 from pirl.data.shardio import ShardStream
 from pirl.data.tarshard import Damaged, Record, unpack
 from pirl.errors import DataError, PirlError
@@ -72,6 +76,10 @@ class _Reader:
                 if off > last.get(k, -1):
                     continue  # nothing from this piece is needed any more
                 rec = pieces.get(k, off)
+                if pieces.mismatched:
+                    damaged += len(pieces.mismatched)
+                    self._check_mismatch(damaged, len(needed), pieces.mismatched.pop())
+                    pieces.mismatched.clear()
                 if p in needed:
                     held[p] = rec
                 while cursor < len(batches) and all(q in held for q in batches[cursor]):
@@ -101,6 +109,7 @@ class _Reader:
             return torch.frombuffer(bytearray(rec.image), dtype=torch.uint8), rec.index, rec.label
         try:
             with Image.open(io.BytesIO(rec.image)) as img:
+                check_pixels(img, f"sample {rec.index}")
                 image = img.convert("RGB")
         except Exception:
             return None
@@ -109,6 +118,15 @@ class _Reader:
             rec.index,
             rec.label,
         )
+
+    def _check_mismatch(self, damaged: int, planned: int, shard: mf.Shard) -> None:
+        if damaged > self.max_bad_fraction * planned:
+            raise DataError(
+                f"{storage.join(self.root, shard.name)} does not match the size and sha256 of "
+                f"the manifest: {damaged} damaged sample(s) or shard(s) among the {planned} "
+                f"samples this worker reads (more than the {self.max_bad_fraction:.2%} allowed); "
+                "re-run `pirl prep`"
+            )
 
     def _check_damage(self, damaged: int, planned: int, wp: plan.WorkerPlan, p: int) -> None:
         k, off = wp.reads[p]
@@ -129,6 +147,7 @@ class _Pieces:
     def __init__(self, reader: _Reader, pieces: list[plan.Piece], last: dict[int, int]):
         self.reader, self.pieces, self.last = reader, pieces, last
         self.open: dict[int, _PieceReader] = {}
+        self.mismatched: list[mf.Shard] = []  # finished shards that did not match the manifest
         self.order = sorted(last)  # pieces in first-read order (interleave opens them in order)
 
     def get(self, k: int, off: int) -> Record | None:
@@ -138,8 +157,10 @@ class _Pieces:
             if later:
                 self._open(later[0])  # prefetch: its first chunks download meanwhile
         rec = self.open[k].get(off)
-        if off >= self.last[k]:
-            self.open.pop(k).close()
+        if off >= self.last[k]:  # read the shard to its end: its checksum covers what was read
+            piece = self.open.pop(k)
+            if not piece.finish():
+                self.mismatched.append(piece.shard)
         return rec
 
     def _open(self, k: int) -> None:
@@ -192,6 +213,10 @@ class _PieceReader:
             self.pending = None
             return rec
         return None  # `off` is missing from the shard
+
+    def finish(self) -> bool:
+        self.items.close()
+        return self.stream.finish()
 
     def close(self) -> None:
         self.items.close()

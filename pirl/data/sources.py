@@ -111,7 +111,10 @@ def _from_folder(url: str, fs, root: str) -> Listing:
         inputs = []
         for rel, size in by_split[split].items():
             cls, sep, _ = rel.partition("/")
-            if not sep:
+            if not _is_utf8(rel):
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                listing.ignored.append((split, base + shown, "its name is not valid UTF-8"))
+            elif not sep:
                 listing.ignored.append((split, base + rel, "not inside a class folder"))
             elif cls not in label_of:
                 listing.ignored.append((split, base + rel, f"class {cls!r} is not in train"))
@@ -120,6 +123,16 @@ def _from_folder(url: str, fs, root: str) -> Listing:
         listing.splits[split] = sorted(inputs, key=lambda x: (x.label, x.path))
     listing.ignored.sort()
     return listing
+
+
+def _is_utf8(name: str) -> bool:
+    """Local names that are not UTF-8 come back with surrogate escapes; shards store names as
+    UTF-8 text, so such a file is skipped and reported like any other bad input."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _from_list_file(url: str) -> Listing:
