@@ -92,6 +92,16 @@ def digits_folder(tmp_path_factory) -> Path:
     return root
 
 
+def first_limited_image(folder: Path, limit: int) -> Path:
+    """The path of the first image of an ImageFolder that DATA_LIMIT=limit selects (seed 0)."""
+    from torchvision.datasets import ImageFolder
+
+    from pirl.data import limited_subset
+
+    samples = ImageFolder(str(folder)).samples
+    return Path(samples[limited_subset(len(samples), limit, seed=0)[0]][0])
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for trainer subprocesses: this one, repo on the path, 1 thread per process."""
     env = dict(os.environ)

@@ -33,7 +33,7 @@ def test_bench_reports_phases_flops_and_efficiency_per_variant(tmp_path):
         phases = result["phases_median_seconds"]
         assert set(phases) == set(PHASES)
         assert phases["trunk_patches"] > 0 and phases["trunk_images"] > 0  # the forward hooks
-        assert result["batch"] == 4 and result["num_negatives"] == 1024
+        assert result["batch"] == 4 and result["num_negatives"] == 512  # the demo preset's
         assert result["flops_per_image"] > 0 and result["matmul_peak_flops"] > 0
         assert 0 < result["efficiency"] < 1.5
     assert default["autocast"] == "off" and default["matmul_peak_dtype"] == "float32"

@@ -181,7 +181,8 @@ def test_demo_presets_compose(capsys):
     out = dry_run(capsys, "config=pretrain/pirl/pirl_demo_resnet18")
     assert out["derived"]["world_size"] == 1 and out["derived"]["trunk_output_dim"] == 512
     out = dry_run(capsys, "config=pretrain/npid/npid_demo_resnet18")
-    assert out["config"]["MODEL"]["HEAD"]["PARAMS"] == [[["mlp", {"dims": [512, 128]}]]]
+    centred = {"dims": [512, 128], "use_bn": True, "skip_last_layer_relu_bn": False}
+    assert out["config"]["MODEL"]["HEAD"]["PARAMS"] == [[["mlp", centred]]]
 
 
 def test_quick_pirl_at_vissls_name(capsys):
@@ -379,7 +380,14 @@ def test_missing_or_unknown_preset():
 
 def test_num_negatives_at_or_above_dataset_size_is_a_warning(caplog):
     """Legal in VISSL (sampling with replacement): its quick_pirl draws 4,096 from 500 images."""
-    cfg = config.build(config.compose(["config=pretrain/pirl/pirl_demo_resnet18"]))
+    cfg = config.build(
+        config.compose(
+            [
+                "config=pretrain/pirl/pirl_demo_resnet18",
+                "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=1024",
+            ]
+        )
+    )
     with caplog.at_level("WARNING", logger="pirl"):
         derived = config.derive(cfg, 1, num_train_samples=1000)
     assert "num_negatives=1024 >= the dataset's 1000 samples" in caplog.text

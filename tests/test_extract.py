@@ -34,11 +34,14 @@ def trunk_file(tmp_path_factory):
 
 
 def reference_features(trunk, folder, n: int) -> tuple[torch.Tensor, list[int]]:
-    """res5avg of the first n images of an ImageFolder, computed directly."""
+    """res5avg of the n images of an ImageFolder that DATA_LIMIT=n selects, computed directly."""
+    from pirl.data import limited_subset
+
     tf = T.Compose(
         [T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(*NORM)],
     )
-    samples = ImageFolder(str(folder)).samples[:n]
+    every = ImageFolder(str(folder)).samples
+    samples = [every[i] for i in limited_subset(len(every), n, seed=0)]
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in samples])
     with torch.no_grad():
         return trunk(x), [label for _, label in samples]

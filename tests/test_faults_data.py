@@ -22,6 +22,7 @@ from pirl.errors import EXIT_DATA
 from pirl.train import main as train_main
 
 from ._images import encode, make_clean_folder, picture, png_bomb
+from .conftest import first_limited_image
 
 N = 128  # 1 damaged sample is 0.8% (skipped), 2 are 1.6% (over the 1% allowed)
 
@@ -158,7 +159,7 @@ def test_a_corrupt_image_in_a_disk_folder_is_a_clear_data_error(digits_folder, t
 
     folder = tmp_path / "digits"
     shutil.copytree(digits_folder / "train", folder / "train")
-    victim = sorted((folder / "train" / "0").iterdir())[0]
+    victim = first_limited_image(folder / "train", 64)  # one the run reads
     victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     a = args(tmp_path / "run", folder)
     a[1:3] = [

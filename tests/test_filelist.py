@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from pirl.data import open_images, open_train_data
+from pirl.data import limited_subset, open_images, open_train_data
 from pirl.data.filelist import FileListImages
 from pirl.errors import DataError
 from pirl.schema import DataSplit
@@ -59,11 +59,12 @@ def test_the_training_contract(filelist):
         num_workers=0,
     )
     assert data.num_samples == 20 and data.classes == [str(c) for c in range(10)]
+    chosen = limited_subset(len(samples), 20, seed=0)
     seen = []
     for batch in data.batches(0):
         assert batch["data"].shape[1:] == (3, 16, 16)
         for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True):
-            assert y == samples[i][1]
+            assert y == samples[chosen[i]][1]  # sample i is the i-th of DATA_LIMIT's subset
             seen.append(i)
     assert sorted(seen) == list(range(20))
 

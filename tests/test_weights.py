@@ -336,6 +336,9 @@ def test_weights_cli_writes_a_vissl_checkpoint(tmp_path, capsys, single_form_ima
         "config=pretrain/pirl/pirl_demo_resnet18",
         "config.DISTRIBUTED.NUM_NODES=1",
         "config.DISTRIBUTED.NUM_PROC_PER_NODE=1",
+        # VISSL's own linear heads (vissl_model_keys knows linear layers only)
+        "config.MODEL.HEAD.PARAMS=[[[mlp,{dims:[512,128]}],[siamese_concat_view,{num_towers:9}],"
+        "[mlp,{dims:[1152,128]}]],[[mlp,{dims:[512,128]}]]]",
     ]
     if single_form_image_head:
         overrides.append("config.MODEL.HEAD.PARAMS.1=[mlp, {dims: [512, 128]}]")
