@@ -447,7 +447,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 health["alignment"],
                 health["uniformity"],
             )
-            warning = collapse_warning(health, epoch)
+            warning = collapse_warning(health, epoch) if env.is_main else None
             if warning:
                 log.warning("epoch %d: %s", epoch, warning)
         if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or epoch + 1 == num_epochs:
