@@ -10,8 +10,9 @@ and a test can check it without images. For epoch e with seed s:
 3. A rank's run is cut into its batches (steps_per_epoch of them; the last may be short, or the
    tail is dropped with drop_last). Batch b belongs to logical worker b mod W, and each logical
    worker's batches are again one contiguous piece of the run, so workers read disjoint shards.
-4. Within a worker, up to `interleave` of its shard pieces are read round-robin (shards are in
-   class order; reading several at once mixes classes within a batch), and a shuffle buffer of
+4. Within a worker, up to `interleave` of its shard pieces are read round-robin (prep writes
+   samples in a random order, but older datasets are in class order: reading several shards at
+   once still mixes their classes within a batch), and a shuffle buffer of
    `buffer` samples, seeded by (s, e, rank, worker), reorders them. The buffer is simulated on
    positions here, so the worker knows its exact output order before reading a byte: resuming
    at step k skips whole shard pieces instead of reading them.
