@@ -106,6 +106,6 @@ def collapse_warning(health: dict, epoch: int) -> str | None:
         "the representation looks collapsed: "
         + " and ".join(signs)
         + " (healthy: well below 1x, near 0). Try a head that centres its embeddings "
-        "(an mlp with use_bn and skip_last_layer_relu_bn: false), weaker augmentations for "
-        "small images, more epochs, or a lower LR"
+        "(an mlp with use_bn and skip_last_layer_relu_bn: false), augmentations that keep what "
+        "identifies an image's class, or more epochs"
     )

@@ -1,14 +1,14 @@
 """A generated image set whose class is a shape and whose nuisances are what augmentations remove.
 
 Each image shows one of ten shapes (circle, square, triangle, star, cross, ring, semicircle, L,
-arrow, T) drawn at a random position, scale and rotation, in a palette colour over a palette gradient
-background with pixel noise. The class is the shape; colour,
-position, size, orientation and background are nuisances. Colour dominates a randomly
-initialised network's features, so its nearest neighbours mostly share a colour, not a shape;
-training with crops, colour jitter and grayscale has to learn what stays: the shape.
+arrow, T) drawn at a random position, scale and rotation, in a colour of random hue on a dark or
+light grey background with pixel noise. The class is the shape; colour, position, size,
+orientation and brightness are nuisances. Colour dominates a randomly initialised network's
+features, so its nearest neighbours mostly share a colour, not a shape; training with crops,
+a full hue shift and grayscale has to learn what stays: the shape and its pose.
 
-Images are a pure function of (seed, split, index): the same call writes the same bytes on every
-machine, no network needed.
+Images are a pure function of (seed, split, index): with the pinned numpy and Pillow the same
+call writes the same bytes on every machine, no network needed.
 """
 
 from __future__ import annotations
