@@ -51,36 +51,41 @@ def mean_pairwise_cosine(rows: torch.Tensor) -> float:
 @torch.no_grad()
 def uniformity(v: torch.Tensor, t: float = 2.0) -> float:
     """log E_{i<j} exp(-t ||v_i - v_j||^2) for unit rows v."""
+    return _uniformity(v, t).item()
+
+
+def _uniformity(v: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """`uniformity` as a 0-d tensor on v's device (no host sync)."""
     if v.shape[0] < 2:
-        return 0.0
+        return v.new_zeros((), dtype=torch.float32)
     sq = torch.pdist(v.float()).pow(2)
-    return (torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())).item()
+    return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())
 
 
 class HealthMeter:
-    """Sums over an epoch's steps (every term of every step), reduced over ranks on `summary`."""
+    """Sums over an epoch's steps (every term of every step), kept on the embeddings' device so
+    a step never waits for the host; reduced over ranks on `summary`."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.positive_cosine = 0.0
-        self.uniformity = 0.0
-        self.count = 0
+        self.sums: torch.Tensor | None = None  # [positive cosine, uniformity, count]
 
     @torch.no_grad()
     def add(self, v: torch.Tensor, positives: torch.Tensor) -> None:
         """v: B x D embeddings of one loss term; positives: their B x D bank rows."""
         unit = F.normalize(v.float(), dim=1)
-        self.positive_cosine += (unit * F.normalize(positives.float(), dim=1)).sum(1).mean().item()
-        self.uniformity += uniformity(unit)
-        self.count += 1
+        positive = (unit * F.normalize(positives.float(), dim=1)).sum(1).mean()
+        step = torch.stack([positive, _uniformity(unit), positive.new_ones(())])
+        self.sums = step if self.sums is None else self.sums + step
 
     def summary(self, bank: torch.Tensor, epoch_loss: float, chance: float) -> dict:
-        sums = torch.tensor([self.positive_cosine, self.uniformity, float(self.count)])
+        sums = torch.zeros(3, device=bank.device) if self.sums is None else self.sums.clone()
         dist.all_reduce_sum(sums)
-        count = max(sums[2].item(), 1.0)
-        positive, uniform = sums[0].item() / count, sums[1].item() / count
+        positive_sum, uniform_sum, count = sums.tolist()
+        count = max(count, 1.0)
+        positive, uniform = positive_sum / count, uniform_sum / count
         return {
             "loss_vs_chance": epoch_loss / chance,
             "bank_mean_cosine": mean_pairwise_cosine(bank),

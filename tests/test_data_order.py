@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections import Counter
 
 import pytest
 
 from pirl import prep
-from pirl.data import limited_subset, open_train_data
+from pirl.data import limited_subset
 from pirl.data import manifest as mf
 from pirl.data.shapes import SHAPES, write_shapes_folder
 from pirl.errors import ConfigError, DataError
 from pirl.schema import DataSplit
-from pirl.transforms import build_transform, collate_single_view
 
-TO_TENSOR = [{"name": "ToTensor"}]
+from .bench.batch_entropy import mean_batch_entropy, open_labelled
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +29,8 @@ def shapes(tmp_path_factory):
 
 
 def batch_class_entropy(split: DataSplit, batches: int = 5) -> float:
-    """Mean entropy (bits) of the class labels in each of the first batches of epoch 0."""
-    data = open_train_data(
-        split,
-        build_transform(TO_TENSOR),
-        collate_single_view("data"),
-        rank=0,
-        world=1,
-        seed=0,
-        num_workers=0,
-    )
-    out = []
-    for i, batch in enumerate(data.batches(0)):
-        if i == batches:
-            break
-        counts = Counter(batch["label"].tolist())
-        n = sum(counts.values())
-        out.append(-sum(c / n * math.log2(c / n) for c in counts.values()))
-    return sum(out) / len(out)
+    """Mean class entropy (bits) of the first batches of epoch 0."""
+    return mean_batch_entropy(open_labelled(split), max_batches=batches)
 
 
 def split_of(source: str, path: str, **kw) -> DataSplit:
@@ -92,15 +73,7 @@ def test_data_limit_is_a_seeded_random_subset_on_folders(shapes):
     assert subset != list(range(40)) and subset == limited_subset(160, 40, seed=0)
     assert subset != limited_subset(160, 40, seed=1)
     split = split_of("disk_folder", str(shapes / "src" / "train"), DATA_LIMIT=40)
-    data = open_train_data(
-        split,
-        build_transform(TO_TENSOR),
-        collate_single_view("data"),
-        rank=0,
-        world=1,
-        seed=0,
-        num_workers=0,
-    )
+    data = open_labelled(split)
     assert data.num_samples == 40
     labels = [lab for b in data.batches(0) for lab in b["label"].tolist()]
     assert len(set(labels)) == len(SHAPES)  # every class, not the first one or two

@@ -22,14 +22,9 @@ from pirl.schema import DataSplit
 from pirl.transforms import build_transform, collate_single_view
 
 
-def mean_batch_entropy(source: str, path: str, batch: int, epochs: int) -> float:
-    split = DataSplit(
-        DATA_SOURCES=[source],
-        DATA_PATHS=[path],
-        BATCHSIZE_PER_REPLICA=batch,
-        LABEL_TYPE="standard",
-    )
-    data = open_train_data(
+def open_labelled(split: DataSplit):
+    """The training loader of `split` (one rank, no workers) with plain tensors, for its labels."""
+    return open_train_data(
         split,
         build_transform([{"name": "ToTensor"}]),
         collate_single_view("data"),
@@ -38,9 +33,16 @@ def mean_batch_entropy(source: str, path: str, batch: int, epochs: int) -> float
         seed=0,
         num_workers=0,
     )
+
+
+def mean_batch_entropy(data, epochs: int = 1, max_batches: int | None = None) -> float:
+    """Mean entropy (bits) of the class labels within each batch of epochs 0..epochs-1 (at
+    most `max_batches` batches per epoch)."""
     entropies = []
     for epoch in range(epochs):
-        for b in data.batches(epoch):
+        for i, b in enumerate(data.batches(epoch)):
+            if i == max_batches:
+                break
             counts = Counter(b["label"].tolist())
             n = sum(counts.values())
             entropies.append(-sum(c / n * math.log2(c / n) for c in counts.values()))
@@ -66,7 +68,13 @@ def main() -> None:
         ]
         print(f"{args.dataset}, batch {args.batch}, mean per-batch class entropy (bits):")
         for label, source, path in rows:
-            bits = mean_batch_entropy(source, path, args.batch, args.epochs)
+            split = DataSplit(
+                DATA_SOURCES=[source],
+                DATA_PATHS=[path],
+                BATCHSIZE_PER_REPLICA=args.batch,
+                LABEL_TYPE="standard",
+            )
+            bits = mean_batch_entropy(open_labelled(split), args.epochs)
             print(f"  {label:<42} {bits:.2f}")
 
 
