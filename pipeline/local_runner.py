@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from pirl.dist import free_port
 
 # Variables a launcher (torchrun, an outer PyTorchJob, SLURM) may have left in this process's
 # environment; a pod starts without them.
@@ -59,12 +60,6 @@ LAUNCHER_PREFIXES = ("PET_", "TORCHELASTIC_", "TORCH_ELASTIC_", "SLURM_")
 
 class JobFailed(RuntimeError):
     """The local PyTorchJob ended Failed (permanent exit code, backoff limit, deadline)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def exit_code(returncode: int) -> int:

@@ -337,11 +337,6 @@ def _write_chunk(
 # ---------------------------------------------------------------- the whole dataset
 
 
-def public_url(url: str) -> str:
-    """`url` without any user:password@ part, for manifests and messages."""
-    return redact(url)
-
-
 def prep(source: str, dest: str, opts: Options, *, source_label: str | None = None) -> mf.Manifest:
     """Make (or finish, or confirm) the sharded dataset at `dest`; returns its manifest."""
     if opts.shard_size < 1:
@@ -351,7 +346,7 @@ def prep(source: str, dest: str, opts: Options, *, source_label: str | None = No
     _check_not_nested(source, dest)
     listing = list_source(source, val_fraction=opts.val_fraction, seed=opts.seed)
     storage.check_writable(dest)
-    source_id = source_label or public_url(source.rstrip("/"))
+    source_id = source_label or redact(source.rstrip("/"))
     out = _Dest(dest)
     held = lease.acquire(out.url, "pirl prep", "DEST")
     try:
@@ -577,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{name} {split.num_samples} samples in {len(split.shards)} shard(s)"
         for name, split in manifest.splits.items()
     ]
-    print(f"pirl prep: {public_url(dest)}: {', '.join(parts)}; report in {mf.REPORT}")
+    print(f"pirl prep: {redact(dest)}: {', '.join(parts)}; report in {mf.REPORT}")
     return 0
 
 

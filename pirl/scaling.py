@@ -24,6 +24,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from pirl import dist
+
 IMAGENET = 1_281_167
 
 
@@ -81,11 +83,7 @@ def _measure_worker(rank: int, world: int, nbytes: int, port: int, out: dict) ->
 
 def measure_allreduce(nbytes: int, world: int = 2) -> float:
     """Median seconds of a gloo all-reduce of `nbytes` between `world` local processes."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = dist.free_port()
     out = mp.Manager().dict()
     mp.spawn(_measure_worker, args=(world, nbytes, port, out), nprocs=world, join=True)
     return out["seconds"]

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from pirl.dist import free_port  # noqa: F401 (the tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

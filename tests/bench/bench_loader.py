@@ -33,6 +33,7 @@ from torchvision import transforms as T
 from pirl import config, prep
 from pirl.data import open_train_data
 from pirl.data.demo import write_digits_folder
+from pirl.dist import free_port
 from pirl.schema import DataSplit
 from pirl.transforms import build_collator, build_transform, collate_single_view
 
@@ -63,9 +64,7 @@ def plain_transform():
 
 
 def start_s3() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
