@@ -41,6 +41,10 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from pipeline.jobspec import DELETE_POLICIES
+from pipeline.pytorchjob import CONTAINER
+from pipeline.trainjob import NODE
+
 JOB_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
@@ -83,7 +87,7 @@ class Backend:
         """The PyTorchJob's Master, the TrainJob's node with completion index 0."""
         labels = pod.metadata.labels or {}
         if self.kind == "TrainJob":
-            return labels.get(REPLICATED_JOB_LABEL) == "node" and (
+            return labels.get(REPLICATED_JOB_LABEL) == NODE and (
                 labels.get(COMPLETION_INDEX_LABEL) == "0"
             )
         return labels.get(REPLICA_TYPE_LABEL) == "master"
@@ -106,7 +110,7 @@ PYTORCHJOB = Backend(
     version="v1",
     plural="pytorchjobs",
     success="Succeeded",
-    container="pytorch",
+    container=CONTAINER,
     rbac=(
         "  - apiGroups: [kubeflow.org]  resources: [pytorchjobs]  verbs: [create, get, delete]\n"
         + COMMON_RBAC
@@ -119,7 +123,7 @@ TRAINJOB = Backend(
     version="v1alpha1",
     plural="trainjobs",
     success="Complete",
-    container="node",
+    container=NODE,
     rbac=(
         "  - apiGroups: [trainer.kubeflow.org]  resources: [trainjobs]  verbs: [create, get, delete]\n"
         "  - apiGroups: [trainer.kubeflow.org]  resources: [trainingruntimes]  verbs: [create, delete]\n"
@@ -257,7 +261,7 @@ def condition(job: dict, success: str = "Succeeded") -> tuple[str, str, str]:
     return c.get("type", ""), c.get("reason", ""), c.get("message", "")
 
 
-def pod_state(pod, container: str = "pytorch") -> str:
+def pod_state(pod, container: str = CONTAINER) -> str:
     """A one-line state: phase, plus why it waits or how `container` ended."""
     status = pod.status
     parts = [status.phase or "Unknown"]
@@ -655,8 +659,8 @@ def run_job(
     default own_pod()) is being evicted or deleted the job is left running, for a retry of the
     step to re-attach to.
     """
-    if delete not in ("always", "on_success", "never"):
-        raise ValueError(f"delete must be always, on_success or never, got {delete!r}")
+    if delete not in DELETE_POLICIES:
+        raise ValueError(f"delete must be one of {DELETE_POLICIES}, got {delete!r}")
     backend = BACKENDS[job["kind"]]
     if (runtime is not None) != (backend is TRAINJOB):
         raise ValueError("a TrainJob needs its TrainingRuntime (runtime=), a PyTorchJob none")

@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from pipeline.pytorchjob import CONTAINER
 from pirl.dist import free_port
 
 # Variables a launcher (torchrun, an outer PyTorchJob, SLURM) may have left in this process's
@@ -464,9 +465,9 @@ class LocalJob(LocalPods):
     @staticmethod
     def _container(spec: dict, role: str) -> dict:
         for c in spec["template"]["spec"]["containers"]:
-            if c.get("name") == "pytorch":
+            if c.get("name") == CONTAINER:
                 return c
-        raise ValueError(f"the {role} replica has no container named 'pytorch'")
+        raise ValueError(f"the {role} replica has no container named {CONTAINER!r}")
 
     def _banner(self) -> str:
         return (

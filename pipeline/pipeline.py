@@ -15,6 +15,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
 from pipeline.components import IMAGE, cpu_image, make_components
+from pipeline.jobspec import component_inputs
 
 NAME = "pirl-pretrain"
 # Every key of the storage ConfigMap (manifests/base/storage/configmap.yaml): the steps get the
@@ -71,6 +72,7 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
         train_memory_request: str = "400Gi",
         train_memory_limit: str = "600Gi",
         train_shm_size: str = "64Gi",
+        train_guaranteed_qos: bool = False,
         train_image: str = "",
         train_output_root: str = "s3://pirl/runs",
         train_checkpoint_dir: str = "",
@@ -78,6 +80,10 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
         train_env: dict = {},  # noqa: B006
         train_node_selector: dict = {},  # noqa: B006
         train_tolerations: list = [],  # noqa: B006
+        train_affinity: dict = {},  # noqa: B006
+        train_priority_class: str = "",
+        train_queue_name: str = "",
+        train_image_pull_secrets: list = [],  # noqa: B006
         train_service_account: str = "",
         train_active_deadline_seconds: int = 604800,
         train_clean_pod_policy: str = "Running",
@@ -117,6 +123,7 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
             train_memory_request: Memory request of each training pod.
             train_memory_limit: Memory limit of each training pod (includes /dev/shm).
             train_shm_size: Size of the in-memory /dev/shm of each training pod ("" for the runtime's 64 MiB).
+            train_guaranteed_qos: Request exactly the limits (CPU and memory requests = train_cpu_limit and train_memory_limit), so the training pods get the Guaranteed QoS class.
             train_image: Image of the training pods ("" for bench_image).
             train_output_root: Runs go to <train_output_root>/<run id>/ (pretrain/ checkpoints and trunk, benchmark/ reports).
             train_checkpoint_dir: Use this checkpoint directory instead (e.g. a previous run's .../pretrain to resume it).
@@ -124,6 +131,10 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
             train_env: Extra environment variables of the training pods, e.g. {"NCCL_DEBUG": "WARN"}.
             train_node_selector: nodeSelector of the training pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}.
             train_tolerations: Extra tolerations of the training pods (nvidia.com/gpu:NoSchedule is added when train_gpus_per_node > 0).
+            train_affinity: Affinity of the training pods (a Kubernetes affinity, e.g. {"podAntiAffinity": ...} to spread them one per node).
+            train_priority_class: PriorityClass of the training pods ("" for the cluster default); Kueue also orders its queue by it.
+            train_queue_name: Kueue LocalQueue of the job ("" for none): the job waits, suspended, until Kueue admits all its pods at once (no partial placement).
+            train_image_pull_secrets: Secrets the training pods pull their image with, e.g. ["regcred"].
             train_service_account: Service account of the training pods ("" for the namespace default), e.g. for workload identity.
             train_active_deadline_seconds: The job fails after this many seconds (for a PyTorchJob also the only bound on the retries of restartPolicy ExitCode).
             train_clean_pod_policy: PyTorchJob only: which pods are deleted when the job ends: None, Running or All.
@@ -141,6 +152,7 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
         Returns:
             The benchmark's Markdown report (the accuracy table and plots).
         """
+        run_parameters = dict(locals())  # this function's arguments, by name
         prep = c.prep(
             source=data_source,
             dest=data_dataset_url,
@@ -158,31 +170,16 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
             dataset=prep.outputs["dataset"],
             config=train_config,
             overrides=train_overrides,
-            num_nodes=train_num_nodes,
-            nproc_per_node=train_nproc_per_node,
-            gpus_per_node=train_gpus_per_node,
             image=train_image,
             default_image=bench_image,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             output_root=train_output_root,
             checkpoint_dir=train_checkpoint_dir,
             namespace=train_namespace,
-            cpu_request=train_cpu_request,
-            cpu_limit=train_cpu_limit,
-            memory_request=train_memory_request,
-            memory_limit=train_memory_limit,
-            shm_size=train_shm_size,
-            secret_name=data_storage_secret,
-            config_map_name=data_storage_config_map,
             env=train_env,
-            node_selector=train_node_selector,
-            tolerations=train_tolerations,
-            service_account=train_service_account,
-            active_deadline_seconds=train_active_deadline_seconds,
-            clean_pod_policy=train_clean_pod_policy,
-            delete_job=train_delete_job,
             launcher=train_launcher,
             backend=train_backend,
+            **component_inputs(run_parameters),
         )
         train.set_display_name("train: PyTorchJob or TrainJob")
         train.set_caching_options(False)  # a cached step would not launch the job again

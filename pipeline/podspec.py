@@ -12,7 +12,9 @@ What every training pod gets:
   seccomp, no service-account token (the trainer never talks to the API server);
 - `sidecar.istio.io/inject: "false"` as annotation and label (Envoy breaks the rendezvous);
 - a 120 s termination grace (a step + torchrun's 30 s shutdown), the nvidia.com/gpu toleration
-  when it uses GPUs.
+  when it uses GPUs;
+- the job's scheduling settings (`jobspec.Scheduling`): node selector, tolerations, affinity,
+  priority class, image pull Secrets, service account.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import re
 
 from kubernetes import client as k8s
+
+from pipeline.jobspec import JobSpec, Resources, StorageRefs
 
 COMMAND = ["python", "-m", "pipeline.torchrun"]
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -84,31 +88,14 @@ def check_name(name: str) -> None:
         )
 
 
-def check_size(num_nodes: int, nproc_per_node: int, gpus_per_node: int) -> None:
-    if num_nodes < 1 or nproc_per_node < 1 or gpus_per_node < 0:
-        raise ValueError(
-            f"need num_nodes >= 1, nproc_per_node >= 1, gpus_per_node >= 0; got "
-            f"{num_nodes}, {nproc_per_node}, {gpus_per_node}"
-        )
-    if gpus_per_node and nproc_per_node > gpus_per_node:
-        raise ValueError(
-            f"nproc_per_node={nproc_per_node} processes would share {gpus_per_node} GPU(s) per "
-            "node; use at most one process per GPU"
-        )
-
-
-def resources(
-    cpu_request: str = "",
-    cpu_limit: str = "",
-    memory_request: str = "",
-    memory_limit: str = "",
-    gpus: int = 0,
-) -> dict:
-    """A ResourceRequirements dict (empty values left out); GPUs are requested = limited."""
+def resources(res: Resources) -> dict:
+    """The training container's ResourceRequirements dict (empty values left out); GPUs are
+    requested = limited, CPU and memory too under guaranteed_qos."""
+    cpu_request, memory_request = res.requests()
     requests = {k: v for k, v in (("cpu", cpu_request), ("memory", memory_request)) if v}
-    limits = {k: v for k, v in (("cpu", cpu_limit), ("memory", memory_limit)) if v}
-    if gpus:
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    limits = {k: v for k, v in (("cpu", res.cpu_limit), ("memory", res.memory_limit)) if v}
+    if res.gpus_per_node:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus_per_node)
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
@@ -130,25 +117,28 @@ def container(
     args: list[str] | None = None,
     command: list[str] | None = None,
     env: dict[str, str] | None = None,
-    secret_name: str = "",
-    config_map_name: str = "",
+    storage: StorageRefs | None = None,
     resource_requirements: dict | None = None,
     shm_size: str = "",
     ports: list[dict] | None = None,
     image_pull_policy: str = "IfNotPresent",
 ) -> dict:
     """The training container as a dict (camelCase JSON). Empty values leave a field unset."""
-    # Optional: a run without static credentials (IAM roles, workload identity) still starts.
+    # Optional: a run without static credentials (IAM roles, workload identity) still starts;
+    # an empty name leaves the reference out (the API server rejects `name: ""`).
+    storage = storage or StorageRefs()
     env_from = []
-    if config_map_name:
+    if storage.config_map_name:
         env_from.append(
             k8s.V1EnvFromSource(
-                config_map_ref=k8s.V1ConfigMapEnvSource(name=config_map_name, optional=True)
+                config_map_ref=k8s.V1ConfigMapEnvSource(name=storage.config_map_name, optional=True)
             )
         )
-    if secret_name:
+    if storage.secret_name:
         env_from.append(
-            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret_name, optional=True))
+            k8s.V1EnvFromSource(
+                secret_ref=k8s.V1SecretEnvSource(name=storage.secret_name, optional=True)
+            )
         )
     model = k8s.V1Container(
         name=name,
@@ -172,19 +162,11 @@ def container(
     return k8s.ApiClient().sanitize_for_serialization(model)
 
 
-def pod_spec(
-    containers: list[dict],
-    *,
-    gpus_per_node: int = 0,
-    shm_size: str = "",
-    node_selector: dict[str, str] | None = None,
-    tolerations: list[dict] | None = None,
-    service_account: str = "",
-    restart_policy: str | None = None,
-) -> dict:
+def pod_spec(containers: list[dict], job: JobSpec, restart_policy: str | None = None) -> dict:
     """The training pod's spec around `containers` (dicts from container())."""
-    tolerations = [dict(t) for t in tolerations or []]
-    if gpus_per_node and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+    sched, shm_size = job.scheduling, job.resources.shm_size
+    tolerations = [dict(t) for t in sched.tolerations]
+    if job.resources.gpus_per_node and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
         tolerations.append(dict(GPU_TOLERATION))  # GPU nodes are commonly tainted nvidia.com/gpu
     spec = k8s.V1PodSpec(
         containers=[],
@@ -197,9 +179,12 @@ def pod_spec(
         ]
         if shm_size
         else None,
-        node_selector=dict(node_selector) if node_selector else None,
+        node_selector=dict(sched.node_selector) or None,
         tolerations=tolerations or None,
-        service_account_name=service_account or None,
+        priority_class_name=sched.priority_class or None,
+        image_pull_secrets=[k8s.V1LocalObjectReference(name=n) for n in sched.image_pull_secrets]
+        or None,
+        service_account_name=sched.service_account or None,
         # The trainer never talks to the API server; a named service account (workload identity
         # for gs:// or s3://) gets its cloud token through its own projected volume.
         automount_service_account_token=False,
@@ -216,6 +201,8 @@ def pod_spec(
     )
     out = k8s.ApiClient().sanitize_for_serialization(spec)
     out["containers"] = containers
+    if sched.affinity:  # as given (camelCase JSON): the API server validates it
+        out["affinity"] = dict(sched.affinity)
     return out
 
 

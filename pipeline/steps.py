@@ -8,6 +8,7 @@ Artifacts are duck-typed: anything with `.path` (a local file the step writes) a
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,7 @@ BACKENDS = (
     "pytorchjob",
     "trainjob",
 )  # Training Operator v1 PyTorchJob, Kubeflow Trainer v2 TrainJob
-DELETE_POLICIES = ("always", "on_success", "never")
+QUEUE_WAIT_SECONDS = 7 * 86400  # how long a queued job may wait for Kueue to admit it
 NOT_METRICS = ("config", "schema_version")  # metrics.json parts that are settings, not results
 
 
@@ -242,94 +243,83 @@ def train(
     *,
     config: str,
     overrides: list[str],
-    num_nodes: int,
-    nproc_per_node: int,
-    gpus_per_node: int,
     image: str,
     run_id: str,
     output_root: str,
     checkpoint_dir: str = "",
     namespace: str = "",
-    cpu_request: str = "",
-    cpu_limit: str = "",
-    memory_request: str = "",
-    memory_limit: str = "",
-    shm_size: str = "",
-    secret_name: str = "",
-    config_map_name: str = "",
     env: dict | None = None,
-    node_selector: dict | None = None,
-    tolerations: list | None = None,
-    service_account: str = "",
-    active_deadline_seconds: int = 0,
-    clean_pod_policy: str = "Running",
-    delete_job: str = "on_success",
     launcher: str = "auto",
     backend: str = "pytorchjob",
+    default_image: str = "",
+    **job_settings,
 ) -> dict:
     """Build the job (a PyTorchJob, or a TrainJob and its TrainingRuntime), run it on the
-    cluster or locally, fill the Model and Metrics."""
-    from pipeline import podspec
+    cluster or locally, fill the Model and Metrics. `job_settings` are JobSpec group fields by
+    name (pipeline.jobspec: resources, scheduling, run policy, storage refs); the training pods
+    run `image`, or `default_image` when it is ""."""
+    from pipeline import jobspec, podspec
 
     if launcher not in LAUNCHERS:
         raise StepError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     if backend not in BACKENDS:
         raise StepError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if delete_job not in DELETE_POLICIES:
-        raise StepError(f"delete_job must be one of {DELETE_POLICIES}, got {delete_job!r}")
-    check_pod_settings(env, node_selector, tolerations)
+    check_pod_settings(env, job_settings.get("node_selector"), job_settings.get("tolerations"))
     mode = launcher if launcher != "auto" else ("cluster" if in_cluster() else "local")
     run_dir = storage.join(output_root, run_id)
     ckpt = checkpoint_dir or storage.join(run_dir, "pretrain")
     name = podspec.job_name("pirl", run_id)
-    args = podspec.trainer_args(
-        config,
-        num_nodes=num_nodes,
-        nproc_per_node=nproc_per_node,
-        dataset_url=dataset_url,
-        checkpoint_dir=ckpt,
-        gpus_per_node=gpus_per_node,
-        overrides=list(overrides),
-    )
-    job_kwargs = dict(
-        name=name,
-        image=image,
-        args=args,
-        num_nodes=num_nodes,
-        nproc_per_node=nproc_per_node,
-        gpus_per_node=gpus_per_node,
-        cpu_request=cpu_request,
-        cpu_limit=cpu_limit,
-        memory_request=memory_request,
-        memory_limit=memory_limit,
-        shm_size=shm_size,
-        secret_name=secret_name,
-        config_map_name=config_map_name,
-        env={str(k): str(v) for k, v in (env or {}).items()},
-        node_selector=node_selector,
-        tolerations=tolerations,
-        service_account=service_account,
-        active_deadline_seconds=active_deadline_seconds or None,
-        labels={"app.kubernetes.io/instance": name},
-    )
-    if backend == "pytorchjob":
-        job_kwargs["clean_pod_policy"] = clean_pod_policy
-    t0 = time.monotonic()
+    owner = None
     if mode == "cluster":
         from pipeline import launcher as cluster
 
-        ns = namespace or pod_namespace() or cluster.default_namespace()
+        namespace = namespace or pod_namespace() or cluster.default_namespace()
         # Owned by this step's pod, so deleting the run's pods deletes the job; only within one
         # namespace (the garbage collector deletes a job whose owner is in another at once).
-        owner = cluster.owner_from_env() if ns == pod_namespace() else None
-        runtime, job = build_job(backend, namespace=ns, owner=owner, **job_kwargs)
+        owner = cluster.owner_from_env() if namespace == pod_namespace() else None
+    else:
+        namespace = ""
+    try:
+        spec = jobspec.job_spec(
+            name=name,
+            namespace=namespace,
+            image=image or default_image,
+            args=[],
+            env={str(k): str(v) for k, v in (env or {}).items()},
+            labels={"app.kubernetes.io/instance": name},
+            owner=owner,
+            **job_settings,
+        )
+    except (TypeError, ValueError) as exc:
+        raise StepError(f"train step settings: {exc}") from exc
+    res = spec.resources
+    spec = dataclasses.replace(
+        spec,
+        args=podspec.trainer_args(
+            config,
+            num_nodes=res.num_nodes,
+            nproc_per_node=res.nproc_per_node,
+            dataset_url=dataset_url,
+            checkpoint_dir=ckpt,
+            gpus_per_node=res.gpus_per_node,
+            overrides=list(overrides),
+        ),
+    )
+    t0 = time.monotonic()
+    runtime, job = build_job(backend, spec)
+    if mode == "cluster":
         for obj in (runtime, job):
             if obj is not None:
                 print(cluster.to_yaml(obj), flush=True)
-        wait_timeout = (active_deadline_seconds or 14 * 86400) + 1800  # the deadline + scheduling
-        cluster.run_job(job, runtime=runtime, wait_timeout=wait_timeout, delete=delete_job)
+        # the job's deadline + scheduling, + its wait for admission in a Kueue queue (the
+        # deadline counts from admission: Kueue keeps the job suspended until then)
+        wait_timeout = (spec.run_policy.active_deadline_seconds or 14 * 86400) + 1800
+        if spec.scheduling.queue_name:
+            wait_timeout += QUEUE_WAIT_SECONDS
+        cluster.run_job(
+            job, runtime=runtime, wait_timeout=wait_timeout, delete=spec.run_policy.delete_job
+        )
     else:
-        runtime, job = build_job(backend, namespace="", **job_kwargs)
         run_locally(job, runtime)
     seconds = time.monotonic() - t0
 
@@ -353,23 +343,23 @@ def train(
             "job_name": name,
             "launcher": mode,
             "backend": backend,
-            "num_nodes": num_nodes,
-            "nproc_per_node": nproc_per_node,
+            "num_nodes": res.num_nodes,
+            "nproc_per_node": res.nproc_per_node,
         }
     )
     print(f"trained trunk {trunk_url}: {json.dumps(summary)}", flush=True)
     return summary
 
 
-def build_job(backend: str, **job_kwargs) -> tuple[dict | None, dict]:
+def build_job(backend: str, spec) -> tuple[dict | None, dict]:
     """(TrainingRuntime or None, the job): a PyTorchJob, or a TrainJob on a runtime of its own."""
     if backend == "trainjob":
         from pipeline import trainjob
 
-        return trainjob.build_run(**job_kwargs)
+        return trainjob.build_run(spec)
     from pipeline import pytorchjob
 
-    return None, pytorchjob.build_pytorchjob(**job_kwargs)
+    return None, pytorchjob.build_pytorchjob(spec)
 
 
 def run_locally(job: dict, runtime: dict | None) -> None:

@@ -30,9 +30,9 @@ the tests already check strictly against the v2.3.0 CRDs (tests/schemas/).
 
 from __future__ import annotations
 
+from pipeline.jobspec import QUEUE_LABEL, JobSpec
 from pipeline.podspec import (
     check_name,
-    check_size,
     container,
     labels,
     object_metadata,
@@ -60,7 +60,6 @@ TORCH_PLUGIN_ENV = (
 MASTER_PORT = 29400
 PERMANENT_EXIT_CODES = (EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_STORAGE)
 PERMANENT_RULE = "permanentExitCode"
-DEFAULT_MAX_RESTARTS = 3
 # The container's own environment: the pods' logs stream line by line (v1's operator sets it).
 CONTAINER_ENV = {"PYTHONUNBUFFERED": "1"}
 
@@ -105,57 +104,30 @@ def failure_handling(max_restarts: int, backoff_limit: int = 0) -> tuple[dict, d
     return job_spec, jobset_policy
 
 
-def build_training_runtime(
-    *,
-    name: str,
-    namespace: str = "",
-    image: str = "",
-    command: list[str] | None = None,
-    gpus_per_node: int = 0,
-    shm_size: str = "",
-    secret_name: str = "",
-    config_map_name: str = "",
-    node_selector: dict[str, str] | None = None,
-    tolerations: list[dict] | None = None,
-    service_account: str = "",
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
-    backoff_limit: int = 0,
-    labels: dict[str, str] | None = None,
-    annotations: dict[str, str] | None = None,
-    owner: dict | None = None,
-    image_pull_policy: str = "IfNotPresent",
-) -> dict:
-    """A namespaced TrainingRuntime for pirl as a dict (camelCase JSON). Its `node` pod is
-    podspec's training pod without arguments or resources (the TrainJob sets those)."""
-    check_name(name)
-    runtime_labels = {**_labels(labels), FRAMEWORK_LABEL: "torch"}
+def build_training_runtime(job: JobSpec) -> dict:
+    """A namespaced TrainingRuntime named `job.name` for pirl as a dict (camelCase JSON). Its
+    `node` pod is podspec's training pod without arguments or resources (the TrainJob sets
+    those), with the job's scheduling settings."""
+    check_name(job.name)
+    runtime_labels = {**labels(job.labels), FRAMEWORK_LABEL: "torch"}
     node = container(
         name=NODE,
-        image=image,
-        command=command,
+        image=job.image,
+        command=job.command,
         env=CONTAINER_ENV,
-        secret_name=secret_name,
-        config_map_name=config_map_name,
-        shm_size=shm_size,
-        image_pull_policy=image_pull_policy,
+        storage=job.storage,
+        shm_size=job.resources.shm_size,
+        image_pull_policy=job.image_pull_policy,
     )
-    job_failure, jobset_failure = failure_handling(max_restarts, backoff_limit)
+    job_failure, jobset_failure = failure_handling(job.run_policy.max_restarts)
     pod_template = {
-        "metadata": pod_metadata(_labels(labels), annotations),
-        "spec": pod_spec(
-            [node],
-            gpus_per_node=gpus_per_node,
-            shm_size=shm_size,
-            node_selector=node_selector,
-            tolerations=tolerations,
-            service_account=service_account,
-            restart_policy="Never",  # required by podFailurePolicy
-        ),
+        "metadata": pod_metadata(labels(job.labels), job.annotations),
+        "spec": pod_spec([node], job, restart_policy="Never"),  # required by podFailurePolicy
     }
     return {
         "apiVersion": API_VERSION,
         "kind": RUNTIME_KIND,
-        "metadata": object_metadata(name, namespace, runtime_labels, owner),
+        "metadata": object_metadata(job.name, job.namespace, runtime_labels, job.owner),
         "spec": {
             "mlPolicy": {"numNodes": 1, "torch": {}},
             "template": {
@@ -176,126 +148,46 @@ def build_training_runtime(
     }
 
 
-def build_trainjob(
-    *,
-    name: str,
-    namespace: str,
-    runtime_name: str,
-    args: list[str],
-    num_nodes: int = 1,
-    nproc_per_node: int = 1,
-    gpus_per_node: int = 0,
-    cpu_request: str = "",
-    cpu_limit: str = "",
-    memory_request: str = "",
-    memory_limit: str = "",
-    env: dict[str, str] | None = None,
-    active_deadline_seconds: int | None = None,
-    labels: dict[str, str] | None = None,
-    owner: dict | None = None,
-) -> dict:
-    """A TrainJob on the namespaced TrainingRuntime `runtime_name` as a dict (camelCase JSON)."""
-    check_name(name)
-    check_size(num_nodes, nproc_per_node, gpus_per_node)
-    reserved = sorted(set(env or {}) & set(TORCH_PLUGIN_ENV))
+def build_trainjob(job: JobSpec, runtime_name: str = "") -> dict:
+    """A TrainJob on the namespaced TrainingRuntime `runtime_name` (by default `job.name`) as a
+    dict (camelCase JSON). With a Kueue queue the TrainJob carries its label."""
+    check_name(job.name)
+    reserved = sorted(set(job.env) & set(TORCH_PLUGIN_ENV))
     if reserved:
         raise ValueError(
             f"{reserved} are set by the Trainer's torch plugin; a TrainJob may not set them"
         )
+    res = job.resources
     trainer = {
-        "numNodes": num_nodes,
-        "numProcPerNode": nproc_per_node,
-        "args": [str(a) for a in args],
+        "numNodes": res.num_nodes,
+        "numProcPerNode": res.nproc_per_node,
+        "args": [str(a) for a in job.args],
     }
-    per_node = resources(cpu_request, cpu_limit, memory_request, memory_limit, gpus_per_node)
+    per_node = resources(res)
     if per_node:
         trainer["resourcesPerNode"] = per_node
-    if env:
-        trainer["env"] = [{"name": k, "value": str(v)} for k, v in sorted(env.items())]
-    spec = {"runtimeRef": {"apiGroup": GROUP, "kind": RUNTIME_KIND, "name": runtime_name}}
-    spec["trainer"] = trainer
-    if active_deadline_seconds:
-        spec["activeDeadlineSeconds"] = int(active_deadline_seconds)
+    if job.env:
+        trainer["env"] = [{"name": k, "value": str(v)} for k, v in sorted(job.env.items())]
+    runtime_ref = {"apiGroup": GROUP, "kind": RUNTIME_KIND, "name": runtime_name or job.name}
+    spec = {"runtimeRef": runtime_ref, "trainer": trainer}
+    if job.run_policy.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = int(job.run_policy.active_deadline_seconds)
+    queue = job.scheduling.queue_name
+    job_labels = {**labels(job.labels), **({QUEUE_LABEL: queue} if queue else {})}
     return {
         "apiVersion": API_VERSION,
         "kind": TRAINJOB_KIND,
-        "metadata": object_metadata(name, namespace, _labels(labels), owner),
+        "metadata": object_metadata(job.name, job.namespace, job_labels, job.owner),
         "spec": spec,
     }
 
 
-def build_run(
-    *,
-    name: str,
-    namespace: str,
-    image: str,
-    args: list[str],
-    num_nodes: int = 1,
-    nproc_per_node: int = 1,
-    gpus_per_node: int = 0,
-    cpu_request: str = "",
-    cpu_limit: str = "",
-    memory_request: str = "",
-    memory_limit: str = "",
-    shm_size: str = "",
-    secret_name: str = "",
-    config_map_name: str = "",
-    env: dict[str, str] | None = None,
-    command: list[str] | None = None,
-    active_deadline_seconds: int | None = None,
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
-    node_selector: dict[str, str] | None = None,
-    tolerations: list[dict] | None = None,
-    service_account: str = "",
-    labels: dict[str, str] | None = None,
-    annotations: dict[str, str] | None = None,
-    owner: dict | None = None,
-    image_pull_policy: str = "IfNotPresent",
-) -> tuple[dict, dict]:
-    """(TrainingRuntime, TrainJob) of one run, both named `name`: the pipeline's v2 job, taking
-    the PyTorchJob builder's arguments (its v1-only ones aside). A runtime of its own per run
-    carries the run's image, Secret, ConfigMap, /dev/shm and scheduling settings."""
-    if not image:
-        raise ValueError("image is required")
-    runtime = build_training_runtime(
-        name=name,
-        namespace=namespace,
-        image=image,
-        command=command,
-        gpus_per_node=gpus_per_node,
-        shm_size=shm_size,
-        secret_name=secret_name,
-        config_map_name=config_map_name,
-        node_selector=node_selector,
-        tolerations=tolerations,
-        service_account=service_account,
-        max_restarts=max_restarts,
-        labels=labels,
-        annotations=annotations,
-        owner=owner,
-        image_pull_policy=image_pull_policy,
-    )
-    trainjob = build_trainjob(
-        name=name,
-        namespace=namespace,
-        runtime_name=name,
-        args=args,
-        num_nodes=num_nodes,
-        nproc_per_node=nproc_per_node,
-        gpus_per_node=gpus_per_node,
-        cpu_request=cpu_request,
-        cpu_limit=cpu_limit,
-        memory_request=memory_request,
-        memory_limit=memory_limit,
-        env=env,
-        active_deadline_seconds=active_deadline_seconds,
-        labels=labels,
-        owner=owner,
-    )
-    return runtime, trainjob
-
-
-_labels = labels  # the builders' `labels` argument shadows the helper
+def build_run(job: JobSpec) -> tuple[dict, dict]:
+    """(TrainingRuntime, TrainJob) of one run, both named `job.name`: the pipeline's v2 job. A
+    runtime of its own per run carries the run's image, Secret, ConfigMap, /dev/shm and
+    scheduling settings; PyTorchJob-only settings (clean_pod_policy, restart_policy,
+    backoff_limit) do not apply."""
+    return build_training_runtime(job), build_trainjob(job)
 
 
 def node_container(runtime: dict) -> dict:

@@ -33,6 +33,7 @@ import pytest
 from kubernetes import client as k8s
 
 from pipeline import launcher
+from pipeline.jobspec import job_spec
 from pipeline.pytorchjob import build_pytorchjob, job_name
 
 JOBS = re.compile(
@@ -329,7 +330,9 @@ def event(kind: str, name: str, reason: str, message: str, type_="Warning", coun
 
 def a_job(name="pirl-run-1", namespace="team-a") -> dict:
     return build_pytorchjob(
-        name=name, namespace=namespace, image="img", args=["-m", "pirl.train"], num_nodes=2
+        job_spec(
+            name=name, namespace=namespace, image="img", args=["-m", "pirl.train"], num_nodes=2
+        )
     )
 
 
@@ -455,7 +458,9 @@ def a_trainjob_run(name="pirl-run-1", namespace="team-a") -> tuple[dict, dict]:
     from pipeline.trainjob import build_run
 
     return build_run(
-        name=name, namespace=namespace, image="img", args=["-m", "pirl.train"], num_nodes=2
+        job_spec(
+            name=name, namespace=namespace, image="img", args=["-m", "pirl.train"], num_nodes=2
+        )
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.jobspec import job_spec
 from pipeline.local_runner import LocalJob, exit_code, local_command, retryable, run_pytorchjob
 from pipeline.pytorchjob import build_pytorchjob
 
@@ -71,15 +72,17 @@ def script(tmp_path) -> Path:
 
 def make_job(script: Path, tmp_path: Path, *, nodes=2, policy="ExitCode", env=None, **kwargs):
     return build_pytorchjob(
-        name="local-test",
-        namespace="",
-        image="unused",
-        command=["python"],
-        args=[str(script), str(tmp_path)],
-        num_nodes=nodes,
-        restart_policy=policy,
-        env=env,
-        **kwargs,
+        job_spec(
+            name="local-test",
+            namespace="",
+            image="unused",
+            command=["python"],
+            args=[str(script), str(tmp_path)],
+            num_nodes=nodes,
+            restart_policy=policy,
+            env=env,
+            **kwargs,
+        )
     )
 
 
@@ -215,15 +218,17 @@ def test_real_torchrun_reads_the_injected_environment(tmp_path, command):
     script = tmp_path / "ddp.py"
     script.write_text(TORCH_SCRIPT)
     job = build_pytorchjob(
-        name="ddp-test",
-        namespace="",
-        image="unused",
-        command=command,
-        args=[str(script)],
-        num_nodes=2,
-        nproc_per_node=2,
-        active_deadline_seconds=240,
-        env={"OMP_NUM_THREADS": "1"},
+        job_spec(
+            name="ddp-test",
+            namespace="",
+            image="unused",
+            command=command,
+            args=[str(script)],
+            num_nodes=2,
+            nproc_per_node=2,
+            active_deadline_seconds=240,
+            env={"OMP_NUM_THREADS": "1"},
+        )
     )
     out = io.StringIO()
     result = LocalJob(job, out=out).run()
@@ -260,13 +265,15 @@ def test_real_trainer_survives_a_killed_worker(digits_folder, tmp_path):
         ],
     )
     spec = build_pytorchjob(
-        name="trainer-kill",
-        namespace="",
-        image="unused",
-        args=args,
-        num_nodes=2,
-        env={"OMP_NUM_THREADS": "1"},
-        active_deadline_seconds=600,
+        job_spec(
+            name="trainer-kill",
+            namespace="",
+            image="unused",
+            args=args,
+            num_nodes=2,
+            env={"OMP_NUM_THREADS": "1"},
+            active_deadline_seconds=600,
+        )
     )
     job = LocalJob(spec, out=io.StringIO())
     job.start()

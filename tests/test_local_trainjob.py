@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import trainjob as tj
+from pipeline.jobspec import job_spec
 from pipeline.local_trainjob import (
     LocalTrainJob,
     jobset_failure_action,
@@ -83,23 +84,20 @@ def script(tmp_path) -> Path:
 def make_run(
     script, tmp_path, *, nodes=2, nproc=1, env=None, max_restarts=3, backoff_limit=0, **kw
 ):
-    runtime = tj.build_training_runtime(
-        name="local-test",
-        image="unused",
-        command=["python"],
-        max_restarts=max_restarts,
-        backoff_limit=backoff_limit,
+    runtime, job = tj.build_run(
+        job_spec(
+            name="local-test",
+            image="unused",
+            command=["python"],
+            args=[str(script), str(tmp_path)],
+            num_nodes=nodes,
+            nproc_per_node=nproc,
+            env=env or {},
+            max_restarts=max_restarts,
+            **kw,
+        )
     )
-    job = tj.build_trainjob(
-        name="local-test",
-        namespace="",
-        runtime_name="local-test",
-        args=[str(script), str(tmp_path)],
-        num_nodes=nodes,
-        nproc_per_node=nproc,
-        env=env,
-        **kw,
-    )
+    tj.node_job(runtime)["backoffLimit"] = backoff_limit  # the pipeline's is always 0
     return job, runtime
 
 
@@ -241,16 +239,16 @@ def test_real_torchrun_reads_the_plugins_environment(tmp_path):
     the plugin's PET_* alone."""
     script = tmp_path / "ddp.py"
     script.write_text(TORCH_SCRIPT)
-    runtime = tj.build_training_runtime(name="ddp-test", image="unused")
-    job = tj.build_trainjob(
-        name="ddp-test",
-        namespace="",
-        runtime_name="ddp-test",
-        args=[str(script)],
-        num_nodes=2,
-        nproc_per_node=2,
-        env={"OMP_NUM_THREADS": "1"},
-        active_deadline_seconds=240,
+    runtime, job = tj.build_run(
+        job_spec(
+            name="ddp-test",
+            image="unused",
+            args=[str(script)],
+            num_nodes=2,
+            nproc_per_node=2,
+            env={"OMP_NUM_THREADS": "1"},
+            active_deadline_seconds=240,
+        )
     )
     out = io.StringIO()
     result = LocalTrainJob(job, runtime, out=out).run()
@@ -286,13 +284,14 @@ def test_real_trainer_survives_a_killed_node_under_v2_semantics(digits_folder, t
         ],
     )
     runtime, job = tj.build_run(
-        name="trainer-kill",
-        namespace="",
-        image="unused",
-        args=args,
-        num_nodes=2,
-        env={"OMP_NUM_THREADS": "1"},
-        active_deadline_seconds=600,
+        job_spec(
+            name="trainer-kill",
+            image="unused",
+            args=args,
+            num_nodes=2,
+            env={"OMP_NUM_THREADS": "1"},
+            active_deadline_seconds=600,
+        )
     )
     local = LocalTrainJob(job, runtime, out=io.StringIO())
     local.start()

@@ -13,6 +13,7 @@ import yaml
 
 from pipeline import steps
 from pipeline.compile import OUTPUT, compile_pipeline
+from pipeline.jobspec import job_spec
 from pipeline.pytorchjob import build_pytorchjob, job_name, trainer_args
 
 SEED_PRESET = "pretrain/pirl/pirl_jigsaw_4node_resnet50"
@@ -150,25 +151,27 @@ def seed_job(nodes: int, gpus: int) -> dict:
         overrides=["config.OPTIMIZER.num_epochs=200"],
     )
     return build_pytorchjob(
-        name=job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
-        namespace="team-a",
-        image="registry.example.com/ml/pirl:0.1.0",
-        args=args,
-        num_nodes=nodes,
-        nproc_per_node=max(gpus, 1),
-        gpus_per_node=gpus,
-        cpu_request="64",
-        cpu_limit="90",
-        memory_request="400Gi",
-        memory_limit="600Gi",
-        shm_size="64Gi",
-        secret_name="pirl-s3-credentials",
-        config_map_name="pirl-storage",
-        env={"NCCL_DEBUG": "WARN"},
-        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        node_selector={"nvidia.com/gpu.present": "true"},
-        active_deadline_seconds=604800,
-        owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
+        job_spec(
+            name=job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
+            namespace="team-a",
+            image="registry.example.com/ml/pirl:0.1.0",
+            args=args,
+            num_nodes=nodes,
+            nproc_per_node=max(gpus, 1),
+            gpus_per_node=gpus,
+            cpu_request="64",
+            cpu_limit="90",
+            memory_request="400Gi",
+            memory_limit="600Gi",
+            shm_size="64Gi",
+            secret_name="pirl-s3-credentials",
+            config_map_name="pirl-storage",
+            env={"NCCL_DEBUG": "WARN"},
+            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            node_selector={"nvidia.com/gpu.present": "true"},
+            active_deadline_seconds=604800,
+            owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
+        )
     )
 
 
@@ -227,13 +230,15 @@ def test_the_trainer_accepts_the_jobs_arguments(nodes, gpus):
 
 def test_builder_rejects_bad_input():
     with pytest.raises(ValueError, match="DNS-1035"):
-        build_pytorchjob(name="Bad_Name", namespace="", image="i", args=[])
+        build_pytorchjob(job_spec(name="Bad_Name", namespace="", image="i", args=[]))
     with pytest.raises(ValueError, match="share"):
         build_pytorchjob(
-            name="ok", namespace="", image="i", args=[], nproc_per_node=8, gpus_per_node=4
+            job_spec(name="ok", namespace="", image="i", args=[], nproc_per_node=8, gpus_per_node=4)
         )
     with pytest.raises(ValueError, match="restart_policy"):
-        build_pytorchjob(name="ok", namespace="", image="i", args=[], restart_policy="Sometimes")
+        build_pytorchjob(
+            job_spec(name="ok", namespace="", image="i", args=[], restart_policy="Sometimes")
+        )
 
 
 # ------------------------------------------------------------------------------ step helpers
@@ -368,10 +373,82 @@ def test_steps_get_the_same_storage_settings_as_the_pods(fresh):
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
 def test_empty_storage_names_mean_no_references_in_the_pods(backend):
-    job_kwargs = dict(
-        name="pirl-x", namespace="ns", image="img", args=[], secret_name="", config_map_name=""
-    )
-    runtime, job = steps.build_job(backend, **job_kwargs)
+    spec = job_spec(name="pirl-x", image="img", args=[], secret_name="", config_map_name="")
+    runtime, job = steps.build_job(backend, spec)
     pod_owner = runtime if runtime is not None else job
     text = json.dumps(pod_owner)
     assert "envFrom" not in text and "secretRef" not in text and "configMapRef" not in text
+
+
+# ------------------------------------------------------------------------ one job-spec type
+# train_* run parameters that are the step's own settings, not fields of pipeline.jobspec
+STEP_PARAMETERS = {
+    "train_config",
+    "train_overrides",
+    "train_image",
+    "train_output_root",
+    "train_checkpoint_dir",
+    "train_namespace",
+    "train_env",
+    "train_launcher",
+    "train_backend",
+}
+README = Path(__file__).parents[1] / "pipeline" / "README.md"
+
+
+def readme_parameters() -> dict[str, tuple[str, str]]:
+    """The pipeline README's run-parameter table: name -> (meaning, default)."""
+    section = README.read_text().split("## Run parameters", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (cells[1], cells[2].strip("`"))
+    return rows
+
+
+def readme_default(value, kind: str) -> str:
+    if kind == "NUMBER_INTEGER":  # the compiled YAML holds 8 as 8.0
+        return str(int(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value) if value != "" else '""'
+
+
+def test_run_parameters_match_the_job_spec_the_train_step_and_the_readme(fresh):
+    """The flat pipeline signature (the UI), the JobSpec's fields, the train component's inputs
+    and the README table name the same settings."""
+    from pipeline import jobspec
+
+    doc = next(yaml.safe_load_all(fresh.read_text()))
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    job_params = jobspec.run_parameters()
+    train_params = {p for p in params if p.startswith("train_")}
+    assert train_params - STEP_PARAMETERS == {p for p in job_params if p.startswith("train_")}
+    assert set(job_params) <= set(params)
+    component = doc["components"]["comp-train"]["inputDefinitions"]["parameters"]
+    task = doc["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    for param, field in job_params.items():
+        assert field in component, field
+        assert task[field] == {"componentInputParameter": param}, param
+    rows = readme_parameters()
+    assert set(rows) == set(params), set(rows) ^ set(params)
+    for name, p in params.items():
+        assert rows[name] == (
+            p["description"],
+            readme_default(p["defaultValue"], p["parameterType"]),
+        ), name
+
+
+def test_job_spec_takes_flat_settings_and_refuses_unknown_ones():
+    from pipeline.jobspec import job_spec
+
+    spec = job_spec(name="j", image="i", args=[], num_nodes=2, queue_name="q", delete_job="never")
+    assert spec.resources.num_nodes == 2 and spec.scheduling.queue_name == "q"
+    assert spec.run_policy.delete_job == "never"
+    with pytest.raises(TypeError, match="num_node"):
+        job_spec(name="j", image="i", args=[], num_node=2)
+    with pytest.raises(ValueError, match="delete_job must be one of"):
+        job_spec(name="j", image="i", args=[], delete_job="sometimes")

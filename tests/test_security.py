@@ -33,6 +33,7 @@ import s3fs
 import torch
 import yaml
 
+from pipeline.jobspec import job_spec
 from pirl import checkpoint, prep
 from pirl.train import main as train_main
 
@@ -155,13 +156,15 @@ def test_no_secret_in_logs_outputs_configs_pipeline_or_manifests(
     found["pipeline/pirl_pipeline.yaml"] = leaks(OUTPUT.read_text())
     found["fresh compile"] = leaks(compile_pipeline(tmp_path / "pipeline.yaml").read_text())
     job = build_pytorchjob(
-        name="pirl-security",
-        namespace="team",
-        image="registry.example.com/ml/pirl:0",
-        args=["-m", "pirl.train", *args],
-        num_nodes=2,
-        secret_name="pirl-s3-credentials",
-        env={"AWS_ENDPOINT_URL": "http://minio:9000"},
+        job_spec(
+            name="pirl-security",
+            namespace="team",
+            image="registry.example.com/ml/pirl:0",
+            args=["-m", "pirl.train", *args],
+            num_nodes=2,
+            secret_name="pirl-s3-credentials",
+            env={"AWS_ENDPOINT_URL": "http://minio:9000"},
+        )
     )
     found["PyTorchJob"] = leaks(yaml.safe_dump(job))
 

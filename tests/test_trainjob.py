@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipeline import podspec, pytorchjob, trainjob
+from pipeline.jobspec import job_spec
 from pirl import errors
 
 from .k8s_helpers import TRAINER_SCHEMAS, kustomize_build, trainer_v2_errors
@@ -66,24 +67,26 @@ def seed_run(nodes: int, gpus: int) -> tuple[dict, dict]:
         overrides=["config.OPTIMIZER.num_epochs=200"],
     )
     return trainjob.build_run(
-        name=podspec.job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
-        namespace="team-a",
-        image=f"{IMAGE_REPOSITORY}:{VERSION}",
-        args=args,
-        num_nodes=nodes,
-        nproc_per_node=gpus,
-        gpus_per_node=gpus,
-        cpu_request="64",
-        cpu_limit="90",
-        memory_request="400Gi",
-        memory_limit="600Gi",
-        shm_size="64Gi",
-        secret_name="pirl-s3-credentials",
-        config_map_name="pirl-storage",
-        env={"NCCL_DEBUG": "WARN"},
-        node_selector={"nvidia.com/gpu.present": "true"},
-        active_deadline_seconds=604800,
-        owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
+        job_spec(
+            name=podspec.job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
+            namespace="team-a",
+            image=f"{IMAGE_REPOSITORY}:{VERSION}",
+            args=args,
+            num_nodes=nodes,
+            nproc_per_node=gpus,
+            gpus_per_node=gpus,
+            cpu_request="64",
+            cpu_limit="90",
+            memory_request="400Gi",
+            memory_limit="600Gi",
+            shm_size="64Gi",
+            secret_name="pirl-s3-credentials",
+            config_map_name="pirl-storage",
+            env={"NCCL_DEBUG": "WARN"},
+            node_selector={"nvidia.com/gpu.present": "true"},
+            active_deadline_seconds=604800,
+            owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
+        )
     )
 
 
@@ -216,7 +219,9 @@ def test_built_pod_is_the_pytorchjobs_pod():
         config_map_name="pirl-storage",
         node_selector={"nvidia.com/gpu.present": "true"},
     )
-    v1_pod = pytorchjob.build_pytorchjob(**kwargs)["spec"]["pytorchReplicaSpecs"]["Master"]
+    v1_pod = pytorchjob.build_pytorchjob(job_spec(**kwargs))["spec"]["pytorchReplicaSpecs"][
+        "Master"
+    ]
     v1_spec = copy.deepcopy(v1_pod["template"]["spec"])
     v2_spec = copy.deepcopy(node_pod(runtime)["spec"])
     (v1_container,) = v1_spec.pop("containers")
@@ -253,7 +258,7 @@ def test_plugin_env_is_reserved():
     assert trainjob.master_addr("pirl-x") == "pirl-x-node-0-0.pirl-x"
     with pytest.raises(ValueError, match="PET_NNODES"):
         trainjob.build_trainjob(
-            name="ok", namespace="", runtime_name="pirl", args=[], env={"PET_NNODES": "2"}
+            job_spec(name="ok", image="i", args=[], env={"PET_NNODES": "2"}), runtime_name="pirl"
         )
 
 
@@ -278,10 +283,80 @@ def test_schema_check_catches_typos():
 
 def test_builder_rejects_bad_input():
     with pytest.raises(ValueError, match="DNS-1035"):
-        trainjob.build_run(name="Bad_Name", namespace="", image="i", args=[])
+        trainjob.build_run(job_spec(name="Bad_Name", namespace="", image="i", args=[]))
     with pytest.raises(ValueError, match="share"):
         trainjob.build_run(
-            name="ok", namespace="", image="i", args=[], nproc_per_node=8, gpus_per_node=4
+            job_spec(name="ok", namespace="", image="i", args=[], nproc_per_node=8, gpus_per_node=4)
         )
     with pytest.raises(ValueError, match="image"):
-        trainjob.build_run(name="ok", namespace="", image="", args=[])
+        trainjob.build_run(job_spec(name="ok", namespace="", image="", args=[]))
+
+
+QUEUED = dict(
+    queue_name="pirl-gpu",
+    priority_class="training-high",
+    image_pull_secrets=["regcred"],
+    affinity={
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "pirl-q"}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
+    },
+    guaranteed_qos=True,
+    cpu_request="64",
+    cpu_limit="90",
+    memory_request="400Gi",
+    memory_limit="600Gi",
+    gpus_per_node=8,
+    nproc_per_node=8,
+    num_nodes=4,
+)
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_queue_priority_pull_secrets_affinity_and_guaranteed_qos(backend):
+    """The Kueue label on the job object only (Kueue admits the job, not its pods one by one);
+    priority class, pull Secrets and affinity on every training pod; requests = limits."""
+    from pipeline import steps
+
+    from .k8s_helpers import validate_pod_template
+
+    spec = job_spec(name="pirl-q", namespace="team-a", image="img", args=[], **QUEUED)
+    runtime, job = steps.build_job(backend, spec)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "pirl-gpu"
+    if backend == "pytorchjob":
+        templates = [r["template"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+        (container,) = templates[0]["spec"]["containers"]
+        resources = container["resources"]
+    else:
+        assert trainer_v2_errors(job) == [] and trainer_v2_errors(runtime) == []
+        assert "kueue.x-k8s.io/queue-name" not in runtime["metadata"]["labels"]
+        templates = [node_pod(runtime)]
+        resources = job["spec"]["trainer"]["resourcesPerNode"]
+    for template in templates:
+        validate_pod_template(template)
+        assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]
+        pod = template["spec"]
+        assert pod["priorityClassName"] == "training-high"
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["affinity"] == QUEUED["affinity"]
+    assert resources["requests"] == resources["limits"]
+    assert resources["requests"] == {"cpu": "90", "memory": "600Gi", "nvidia.com/gpu": "8"}
+
+
+def test_scheduling_settings_are_checked():
+    with pytest.raises(ValueError, match="guaranteed_qos requests exactly the limits"):
+        job_spec(name="j", image="i", args=[], guaranteed_qos=True, cpu_request="1")
+    with pytest.raises(ValueError, match="affinity must be"):
+        job_spec(name="j", image="i", args=[], affinity={"nodeAfinity": {}})
+    with pytest.raises(ValueError, match="image_pull_secrets must be a list of Secret names"):
+        job_spec(name="j", image="i", args=[], image_pull_secrets="regcred")
+    # none of them set: nothing of them in the job
+    job = pytorchjob.build_pytorchjob(job_spec(name="j", image="i", args=[]))
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert not {"priorityClassName", "imagePullSecrets", "affinity"} & set(pod)
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
