@@ -180,13 +180,16 @@ def pytorchjob_errors(job: dict, crd_path: str | Path) -> list[str]:
 
 def validate_object(obj: dict, crd_path: str | Path | None) -> list[str]:
     """Errors of any object this project renders: PyTorchJobs as above (`crd_path` needed),
-    TrainJobs and TrainingRuntimes against the vendored v2.3.0 CRDs, built-in kinds strictly."""
+    TrainJobs and TrainingRuntimes against the vendored v2.3.0 CRDs, Kueue's objects against the
+    vendored v0.19.2 CRDs, built-in kinds strictly."""
     import kubernetes_validate
 
     if obj.get("kind") == "PyTorchJob":
         return pytorchjob_errors(obj, crd_path)
     if obj.get("kind") in TRAINER_CRDS:
         return trainer_v2_errors(obj)
+    if obj.get("apiVersion", "").startswith(f"{KUEUE_GROUP}/"):
+        return kueue_errors(obj)
     try:
         validate_builtin(obj)
     except kubernetes_validate.ValidationError as exc:
@@ -307,3 +310,40 @@ def trainer_v2_errors(obj: dict) -> list[str]:
     if obj["kind"] == "TrainJob":
         return errors + trainjob_rule_errors(obj)
     return errors + runtime_rule_errors(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kueue v0.19.2: ResourceFlavor, ClusterQueue, LocalQueue (CRDs vendored in tests/schemas/)
+
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "kueue-v0.19.2"
+KUEUE_CRDS = {
+    "ResourceFlavor": KUEUE_SCHEMAS / "kueue.x-k8s.io_resourceflavors.yaml",
+    "ClusterQueue": KUEUE_SCHEMAS / "kueue.x-k8s.io_clusterqueues.yaml",
+    "LocalQueue": KUEUE_SCHEMAS / "kueue.x-k8s.io_localqueues.yaml",
+}
+
+
+@functools.lru_cache(maxsize=8)
+def kueue_schema(kind: str, version: str) -> dict:
+    """The closed openAPIV3Schema of a Kueue v0.19.2 CRD at `version` (v1beta1 or v1beta2)."""
+    crd = yaml.safe_load(KUEUE_CRDS[kind].read_text())
+    (found,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return close_schema(found["schema"]["openAPIV3Schema"])
+
+
+def kueue_errors(obj: dict, version: str | None = None) -> list[str]:
+    """Errors of a Kueue object against its CRD, at its own apiVersion or at `version` (the
+    same spec read by another served version)."""
+    import jsonschema
+
+    kind = obj.get("kind")
+    if kind not in KUEUE_CRDS:
+        return [f"{kind}: not a Kueue kind this project validates ({sorted(KUEUE_CRDS)})"]
+    version = version or obj["apiVersion"].split("/", 1)[1]
+    obj = {**obj, "apiVersion": f"{KUEUE_GROUP}/{version}"}
+    validator = jsonschema.Draft7Validator(kueue_schema(kind, version))
+    return [
+        f"{kind}/{obj['metadata'].get('name')}: {describe(e)}"
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path)))
+    ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,11 @@ IMAGE_REPOSITORY = "registry.example.com/ml/pirl"  # images/build.sh's default R
 ENTRYPOINT = ["python", "-m", "pipeline.torchrun"]
 
 KUSTOMIZATIONS = sorted(
-    str(p.parent.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("kustomization.yaml")
+    str(p.parent.relative_to(MANIFESTS))
+    for p in MANIFESTS.rglob("kustomization.yaml")
+    if "kind: Component" not in p.read_text()  # components are built inside an overlay
 )
+COMPONENTS = sorted(p.name for p in (MANIFESTS / "components").iterdir())
 EXPECTED_OVERLAYS = {
     "overlays/1gpu",
     "overlays/8gpu",
@@ -44,6 +48,9 @@ EXPECTED_OVERLAYS = {
     "overlays/elastic",
     "overlays/kfp/standalone",
     "overlays/kfp/multi-user",
+    "overlays/rbac",
+    "overlays/kueue",
+    "overlays/4node-queued",
     "trainjob/overlays/1gpu",
     "trainjob/overlays/8gpu",
     "trainjob/overlays/4node",
@@ -55,6 +62,7 @@ JOB_KUSTOMIZATIONS = [
     "overlays/4node",
     "overlays/cpu-smoke",
     "overlays/elastic",
+    "overlays/4node-queued",
 ]
 
 # The launcher's permissions (what pipeline/launcher.py calls, both backends), as (apiGroup, resource, verb).
@@ -507,7 +515,7 @@ def test_kfp_bindings(rendered):
     ]
     for kustomization in ("overlays/kfp/standalone", "overlays/kfp/multi-user"):
         kinds = sorted(o["kind"] for o in rendered[kustomization])
-        assert kinds == ["ConfigMap", "Role", "RoleBinding"], kinds
+        assert kinds == ["Role", "RoleBinding"], kinds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,3 +535,109 @@ def test_readme_commands_are_real():
             f"value: {name}\n" in p.read_text() for p in (MANIFESTS / "overlays").rglob("job.yaml")
         ), f"README names job {name}, which no overlay creates"
     assert "training-operator" in text and "v1.9" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# RBAC apart from the jobs; Kueue queueing and the scheduling knobs
+
+RBAC_KINDS = {"Role", "RoleBinding", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+JOB_KINDS = {"PyTorchJob", "TrainJob", "TrainingRuntime"}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_job_overlays_carry_no_rbac(rendered, kustomization):
+    """A Kubeflow profile contributor (no right to create Roles) can apply every job overlay;
+    the RBAC is overlays/rbac or overlays/kfp/*, applied once by an admin."""
+    kinds = {o["kind"] for o in rendered[kustomization]}
+    if kinds & JOB_KINDS:
+        assert not kinds & RBAC_KINDS, f"{kustomization}: {sorted(kinds & RBAC_KINDS)}"
+
+
+def test_the_rbac_overlay_is_the_launchers_role_and_account(rendered):
+    kinds = sorted(o["kind"] for o in rendered["overlays/rbac"])
+    assert kinds == ["Role", "RoleBinding", "ServiceAccount"], kinds
+
+
+def kueue_objects(rendered) -> dict[str, dict]:
+    return {o["kind"]: o for o in rendered["overlays/kueue"]}
+
+
+@pytest.mark.parametrize("version", ["v1beta1", "v1beta2"])
+def test_kueue_objects_validate_against_the_kueue_crds(rendered, version):
+    """The vendored Kueue v0.19.2 CRDs, closed to typos; the same objects read as v1beta2 too."""
+    from .k8s_helpers import kueue_errors
+
+    objs = kueue_objects(rendered)
+    assert {"ResourceFlavor", "ClusterQueue", "LocalQueue", "PriorityClass"} <= set(objs)
+    errors = [
+        e for o in objs.values() if o["kind"] != "PriorityClass" for e in kueue_errors(o, version)
+    ]
+    assert errors == []
+    bad = copy.deepcopy(objs["ClusterQueue"])
+    bad["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["nominalQuotas"] = "1"
+    assert any("nominalQuotas" in e for e in kueue_errors(bad, version))
+
+
+def test_the_queued_job_fits_its_queue_whole(rendered):
+    """The queued 4 x 8 job names the LocalQueue, which feeds the ClusterQueue, whose flavor
+    exists, covers every resource the pods request and has quota for all pods at once."""
+    objs = kueue_objects(rendered)
+    job = the_job(rendered, "overlays/4node-queued")
+    assert (
+        job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+        == objs["LocalQueue"]["metadata"]["name"]
+    )
+    assert objs["LocalQueue"]["spec"]["clusterQueue"] == objs["ClusterQueue"]["metadata"]["name"]
+    (group,) = objs["ClusterQueue"]["spec"]["resourceGroups"]
+    (flavor,) = group["flavors"]
+    assert flavor["name"] == objs["ResourceFlavor"]["metadata"]["name"]
+    quota = {r["name"]: quantity(r["nominalQuota"]) for r in flavor["resources"]}
+    total: dict[str, float] = {}
+    for rtype, rspec in replica_specs(job).items():
+        (container,) = rspec["template"]["spec"]["containers"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert requests == limits, f"{rtype}: Guaranteed QoS needs requests = limits"
+        for name, value in requests.items():
+            total[name] = total.get(name, 0) + rspec["replicas"] * quantity(value)
+        pod = rspec["template"]["spec"]
+        assert pod["priorityClassName"] == objs["PriorityClass"]["metadata"]["name"]
+        assert pod["affinity"]["podAntiAffinity"]
+    assert set(total) <= set(group["coveredResources"])
+    for name, needed in total.items():
+        assert needed <= quota[name], f"{name}: the job needs {needed}, the queue has {quota[name]}"
+
+
+MASTER_TO_WORKERS = """replacements:
+  - source:
+      kind: PyTorchJob
+      fieldPath: spec.pytorchReplicaSpecs.Master.template
+    targets:
+      - select:
+          kind: PyTorchJob
+        fieldPaths:
+          - spec.pytorchReplicaSpecs.Worker.template
+"""
+
+
+def test_every_component_renders_on_the_4node_job(kubectl, tmp_path):
+    """All knobs at once (pull-secret included) on the 4node job: valid, on Master and Workers."""
+    from .k8s_helpers import validate_pod_template
+
+    shutil.copytree(MANIFESTS, tmp_path / "manifests")
+    overlay = tmp_path / "manifests" / "overlays" / "all-knobs"
+    overlay.mkdir()
+    components = "".join(f"  - ../../components/{c}\n" for c in COMPONENTS)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - ../4node\ncomponents:\n{components}{MASTER_TO_WORKERS}"
+    )
+    (job,) = jobs_of(kustomize_build(overlay, kubectl))
+    replicas = replica_specs(job)
+    assert replicas["Worker"]["template"] == replicas["Master"]["template"]
+    pod = replicas["Master"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "pirl-training" and pod["affinity"]["podAntiAffinity"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "pirl"
+    assert webhook_errors(job) == []
+    for rspec in replicas.values():
+        validate_pod_template(copy.deepcopy(rspec["template"]))  # Kubernetes' own schema
