@@ -22,6 +22,7 @@ NAME = "pirl-pretrain"
 # same settings as the training pods, which take the whole ConfigMap through envFrom.
 STORAGE_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+STORAGE_REFS = ("pirl-s3-credentials", "pirl-storage")  # manifests/base/storage
 BENCH_SHM = "32Gi"  # counts against bench_memory
 LAUNCHER_POD_ANNOTATIONS = {
     "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",  # Cluster Autoscaler
@@ -42,11 +43,20 @@ def _storage_env(task, secret, config_map) -> None:
     )
 
 
-def build_pipeline(image: str = IMAGE, small_image: str | None = None):
+def build_pipeline(
+    image: str = IMAGE, small_image: str | None = None, step_storage_refs: bool = True
+):
     """The `pirl-pretrain` pipeline function: `bench_image` defaults to `image`, `data_image` (prep
-    and the launcher) to `small_image`, by default the CPU build of `image`."""
+    and the launcher) to `small_image`, by default the CPU build of `image`.
+
+    With `step_storage_refs` the steps take the storage Secret's and ConfigMap's keys through
+    KFP's Kubernetes config, which cannot leave out a reference whose name is "" (the driver
+    writes `name: ""`, which the API server rejects). Without, the steps get no reference at
+    all (for pods that reach the store through their identity) and both names default to "";
+    the training pods take whatever names the run gives either way ("" for none)."""
     c = make_components(image)
     small_image = small_image or cpu_image(image)
+    default_secret, default_config_map = STORAGE_REFS if step_storage_refs else ("", "")
 
     @dsl.pipeline(name=NAME, display_name="PIRL pretraining: prep, PyTorchJob/TrainJob, benchmark")
     def pirl_pretrain(
@@ -59,8 +69,8 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
         data_val_fraction: float = 0.0,
         data_cpu: str = "16",
         data_memory: str = "32Gi",
-        data_storage_secret: str = "pirl-s3-credentials",
-        data_storage_config_map: str = "pirl-storage",
+        data_storage_secret: str = default_secret,
+        data_storage_config_map: str = default_config_map,
         data_image: str = small_image,
         train_config: str = "pretrain/pirl/pirl_jigsaw_4node_resnet50",
         train_overrides: list = [],  # noqa: B006 (a KFP default, never mutated)
@@ -222,8 +232,9 @@ def build_pipeline(image: str = IMAGE, small_image: str | None = None):
         prep.set_container_image(data_image)
         train.set_container_image(data_image)
         bench.set_container_image(bench_image)
-        for task in (prep, train, bench):
-            _storage_env(task, data_storage_secret, data_storage_config_map)
+        if step_storage_refs:
+            for task in (prep, train, bench):
+                _storage_env(task, data_storage_secret, data_storage_config_map)
         return bench.outputs["report_md"]
 
     return pirl_pretrain

@@ -452,3 +452,24 @@ def test_job_spec_takes_flat_settings_and_refuses_unknown_ones():
         job_spec(name="j", image="i", args=[], num_node=2)
     with pytest.raises(ValueError, match="delete_job must be one of"):
         job_spec(name="j", image="i", args=[], delete_job="sometimes")
+
+
+def test_without_step_storage_refs_no_step_references_a_secret_or_config_map(tmp_path):
+    """`--no-step-storage-refs`: no executor carries a Secret/ConfigMap reference (so no
+    `name: ""` is possible), both names default to "" and still reach the training pods, which
+    leave empty ones out."""
+    path = compile_pipeline(tmp_path / "p.yaml", step_storage_refs=False)
+    docs = list(yaml.safe_load_all(path.read_text()))
+    params = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["data_storage_secret"]["defaultValue"] == ""
+    assert params["data_storage_config_map"]["defaultValue"] == ""
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, ex in executors.items():
+        assert not {"secretAsEnv", "configMapAsEnv"} & set(ex), name
+    train = docs[0]["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["secret_name"] == {"componentInputParameter": "data_storage_secret"}
+    assert train["config_map_name"] == {"componentInputParameter": "data_storage_config_map"}
+    from pipeline.compile import main
+
+    main(["--no-step-storage-refs", "--output", str(tmp_path / "q.yaml")])
+    assert (tmp_path / "q.yaml").read_text() == path.read_text()
