@@ -5,10 +5,14 @@ on 4 nodes x 8 GPUs, on an ImageNet-style folder in S3. Run parameters are prefi
 they shape (`data_`, `train_`, `bench_`) because the KFP UI lists them alphabetically and does not
 show their descriptions; the descriptions are in the docstring (they land in the compiled YAML).
 
-Storage settings (a ConfigMap: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) and credentials (a Secret:
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) are named by run parameters and mapped into every step
-and every training pod; their values never pass through a parameter. Both are optional, so a
-cluster whose pods get storage access from their identity needs neither.
+Storage settings (a ConfigMap: STORAGE_KEYS) and credentials (a Secret: CREDENTIAL_KEYS) are named
+by run parameters and mapped into every step and every training pod; their values never pass
+through a parameter. Both are optional; an empty name means none for the training pods, and for
+the steps too in a build without step storage refs (`build_pipeline(step_storage_refs=False)`).
+
+The train step's job settings are the fields of `pipeline.jobspec`'s groups: the run parameter
+`train_<field>` (or the one a field names) reaches the train component's input `<field>` through
+`component_inputs`, and a test checks the signature, the JobSpec and the README table agree.
 """
 
 from kfp import dsl, kubernetes

@@ -473,3 +473,34 @@ def test_without_step_storage_refs_no_step_references_a_secret_or_config_map(tmp
 
     main(["--no-step-storage-refs", "--output", str(tmp_path / "q.yaml")])
     assert (tmp_path / "q.yaml").read_text() == path.read_text()
+
+
+def test_the_train_step_refuses_bad_job_settings_before_anything_starts(tmp_path):
+    with pytest.raises(steps.StepError, match="guaranteed_qos requests exactly the limits"):
+        steps.train(
+            "s3://x",
+            None,
+            None,
+            config=SEED_PRESET,
+            overrides=[],
+            image="img",
+            run_id="r",
+            output_root=str(tmp_path / "out"),
+            launcher="local",
+            guaranteed_qos=True,
+            cpu_request="4",
+        )
+    with pytest.raises(steps.StepError, match="unknown settings"):
+        steps.train(
+            "s3://x",
+            None,
+            None,
+            config=SEED_PRESET,
+            overrides=[],
+            image="img",
+            run_id="r",
+            output_root=str(tmp_path / "out"),
+            launcher="local",
+            queue="q",
+        )
+    assert not (tmp_path / "out").exists()
