@@ -140,7 +140,8 @@ def strict(node):
     return node
 
 
-def seed_job(nodes: int, gpus: int) -> dict:
+def seed_spec(nodes: int, gpus: int):
+    """The seed's job as the train step builds it, for either builder."""
     args = trainer_args(
         SEED_PRESET,
         num_nodes=nodes,
@@ -150,29 +151,31 @@ def seed_job(nodes: int, gpus: int) -> dict:
         gpus_per_node=gpus,
         overrides=["config.OPTIMIZER.num_epochs=200"],
     )
-    return build_pytorchjob(
-        job_spec(
-            name=job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
-            namespace="team-a",
-            image="registry.example.com/ml/pirl:0.1.0",
-            args=args,
-            num_nodes=nodes,
-            nproc_per_node=max(gpus, 1),
-            gpus_per_node=gpus,
-            cpu_request="64",
-            cpu_limit="90",
-            memory_request="400Gi",
-            memory_limit="600Gi",
-            shm_size="64Gi",
-            secret_name="pirl-s3-credentials",
-            config_map_name="pirl-storage",
-            env={"NCCL_DEBUG": "WARN"},
-            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            node_selector={"nvidia.com/gpu.present": "true"},
-            active_deadline_seconds=604800,
-            owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
-        )
+    return job_spec(
+        name=job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
+        namespace="team-a",
+        image="registry.example.com/ml/pirl:0.1.0",
+        args=args,
+        num_nodes=nodes,
+        nproc_per_node=max(gpus, 1),
+        gpus_per_node=gpus,
+        cpu_request="64",
+        cpu_limit="90",
+        memory_request="400Gi",
+        memory_limit="600Gi",
+        shm_size="64Gi",
+        secret_name="pirl-s3-credentials",
+        config_map_name="pirl-storage",
+        env={"NCCL_DEBUG": "WARN"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        node_selector={"nvidia.com/gpu.present": "true"},
+        active_deadline_seconds=604800,
+        owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
     )
+
+
+def seed_job(nodes: int, gpus: int) -> dict:
+    return build_pytorchjob(seed_spec(nodes, gpus))
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 8), (4, 8)])
@@ -475,8 +478,21 @@ def test_without_step_storage_refs_no_step_references_a_secret_or_config_map(tmp
     assert (tmp_path / "q.yaml").read_text() == path.read_text()
 
 
-def test_the_train_step_refuses_bad_job_settings_before_anything_starts(tmp_path):
-    with pytest.raises(steps.StepError, match="guaranteed_qos requests exactly the limits"):
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (
+            {"guaranteed_qos": True, "cpu_request": "4"},
+            "guaranteed_qos requests exactly the limits",
+        ),
+        ({"queue": "q"}, r"unknown settings \['queue'\]"),
+        ({"delete_job": "later"}, "delete_job must be one of"),
+    ],
+)
+def test_the_train_step_refuses_bad_job_settings_before_anything_starts(
+    tmp_path, settings, message
+):
+    with pytest.raises(steps.StepError, match=message):
         steps.train(
             "s3://x",
             None,
@@ -487,20 +503,6 @@ def test_the_train_step_refuses_bad_job_settings_before_anything_starts(tmp_path
             run_id="r",
             output_root=str(tmp_path / "out"),
             launcher="local",
-            guaranteed_qos=True,
-            cpu_request="4",
-        )
-    with pytest.raises(steps.StepError, match="unknown settings"):
-        steps.train(
-            "s3://x",
-            None,
-            None,
-            config=SEED_PRESET,
-            overrides=[],
-            image="img",
-            run_id="r",
-            output_root=str(tmp_path / "out"),
-            launcher="local",
-            queue="q",
+            **settings,
         )
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import copy
 import pytest
 import yaml
 
-from pipeline import podspec, pytorchjob, trainjob
+from pipeline import pytorchjob, trainjob
 from pipeline.jobspec import job_spec
 from pirl import errors
 
@@ -25,6 +25,7 @@ from .test_manifests import (
     kubectl,  # noqa: F401 (fixture)
     trainer_overrides,
 )
+from .test_pipeline import seed_spec
 
 SEED_PRESET = "pretrain/pirl/pirl_jigsaw_4node_resnet50"
 # (overlay, numNodes, numProcPerNode): the seed's 1-GPU, 8-GPU and 4 x 8-GPU commands
@@ -57,37 +58,8 @@ def node_pod(runtime: dict) -> dict:
 
 
 def seed_run(nodes: int, gpus: int) -> tuple[dict, dict]:
-    args = podspec.trainer_args(
-        SEED_PRESET,
-        num_nodes=nodes,
-        nproc_per_node=gpus,
-        dataset_url="s3://pirl/datasets/imagenet1k",
-        checkpoint_dir="s3://pirl/runs/r1/pretrain",
-        gpus_per_node=gpus,
-        overrides=["config.OPTIMIZER.num_epochs=200"],
-    )
-    return trainjob.build_run(
-        job_spec(
-            name=podspec.job_name("pirl", "6f1c2a9e-2b1d-4c43-9b0e-0d6c1f2a3b4c"),
-            namespace="team-a",
-            image=f"{IMAGE_REPOSITORY}:{VERSION}",
-            args=args,
-            num_nodes=nodes,
-            nproc_per_node=gpus,
-            gpus_per_node=gpus,
-            cpu_request="64",
-            cpu_limit="90",
-            memory_request="400Gi",
-            memory_limit="600Gi",
-            shm_size="64Gi",
-            secret_name="pirl-s3-credentials",
-            config_map_name="pirl-storage",
-            env={"NCCL_DEBUG": "WARN"},
-            node_selector={"nvidia.com/gpu.present": "true"},
-            active_deadline_seconds=604800,
-            owner={"apiVersion": "v1", "kind": "Pod", "name": "launcher", "uid": "1234"},
-        )
-    )
+    """The same JobSpec the PyTorchJob tests build (tests/test_pipeline.py), as a TrainJob."""
+    return trainjob.build_run(seed_spec(nodes, gpus))
 
 
 # ---------------------------------------------------------------------------------- manifests
