@@ -170,6 +170,8 @@ def job_spec(**flat) -> JobSpec:
     for key in [k for k in flat if k in owners]:
         grouped[owners[key]][key] = flat.pop(key)
     for group, cls in GROUPS.items():
+        if group in flat and grouped[group]:
+            raise TypeError(f"job_spec() got {group}= and its fields {sorted(grouped[group])}")
         flat.setdefault(group, cls(**grouped[group]))
     return JobSpec(**flat)
 

@@ -455,6 +455,8 @@ def test_job_spec_takes_flat_settings_and_refuses_unknown_ones():
         job_spec(name="j", image="i", args=[], num_node=2)
     with pytest.raises(ValueError, match="delete_job must be one of"):
         job_spec(name="j", image="i", args=[], delete_job="sometimes")
+    with pytest.raises(TypeError, match=r"resources= and its fields \['num_nodes'\]"):
+        job_spec(name="j", image="i", args=[], resources=spec.resources, num_nodes=3)
 
 
 def test_without_step_storage_refs_no_step_references_a_secret_or_config_map(tmp_path):
