@@ -234,7 +234,9 @@ def explain(exc: ApiException, action: str, namespace: str, backend: Backend = P
             f"\nThe launcher's service account lacks RBAC in namespace {namespace!r}. It needs a "
             f"Role (bound to it with a RoleBinding) with:\n{backend.rbac}\n"
             "Multi-user Kubeflow grants these through ClusterRole kubeflow-edit only when the "
-            "operator was installed with its kubeflow roles; manifests/base/rbac has the Role."
+            "operator was installed with its kubeflow roles. An admin applies the Role and its "
+            "binding once: manifests/overlays/kfp/multi-user (a profile's default-editor), "
+            "overlays/kfp/standalone (pipeline-runner) or overlays/rbac (other launchers)."
         )
     elif exc.status == 401:
         text += "\nThe API server rejected the credentials (expired token or wrong kubeconfig)."

@@ -27,6 +27,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -414,8 +415,11 @@ def test_forbidden_names_the_missing_rbac():
         "verbs: [create, get, delete]",
         "pods/log",
         "namespace 'team-a'",
+        "manifests/overlays/kfp/multi-user",  # where the Role comes from (the RBAC overlays)
     ):
         assert needed in text
+    for overlay in ("overlays/kfp/multi-user", "overlays/kfp/standalone", "overlays/rbac"):
+        assert (Path(__file__).parents[1] / "manifests" / overlay / "kustomization.yaml").is_file()
     assert not [r for r in fake.requests if r[0] == "DELETE"]  # nothing was created
 
 
