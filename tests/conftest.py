@@ -15,7 +15,6 @@ import pytest
 from pirl.dist import free_port  # noqa: F401 (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def start_moto_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -67,15 +66,6 @@ def s3_bucket(s3_endpoint, monkeypatch):
     s3fs.S3FileSystem().mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(
-            f"{SHARED} is absent (CI has it; a fresh clone may not): schema validation skipped"
-        )
-    return SHARED
 
 
 @pytest.fixture(scope="session")
