@@ -813,3 +813,29 @@ def k8s_pod(data: dict):
 
     response = SimpleNamespace(data=json.dumps(data))
     return k8s.ApiClient().deserialize(response, "V1Pod")
+
+
+def test_a_job_kueue_holds_suspended_is_waited_for_not_failed():
+    """A queued job (label kueue.x-k8s.io/queue-name) is Suspended, with no pods and no
+    FailedCreate, until Kueue admits it: the step says so and waits past the pod-creation bound."""
+    script = [("Created", "")] + [("Suspended", "")] * 12 + [("Running", "Running")] * 2
+    script.append(("Succeeded", "Succeeded"))
+    queued = build_pytorchjob(
+        job_spec(name="pirl-run-1", namespace="team-a", image="img", args=[], queue_name="pirl")
+    )
+    out = io.StringIO()
+    with FakeApiServer(script) as fake:
+        job = launcher.run_job(
+            queued,
+            wait_timeout=30.0,
+            delete="on_success",
+            api_client=fake.api_client(),
+            out=out,
+            poll_interval=0.05,
+            log_grace=5,
+            create_failure_timeout=0.2,
+        )
+    assert launcher.condition(job)[0] == "Succeeded"
+    (created,) = fake.created
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "pirl"
+    assert "PyTorchJob team-a/pirl-run-1: Suspended" in out.getvalue()
