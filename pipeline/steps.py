@@ -258,7 +258,7 @@ def train(
     cluster or locally, fill the Model and Metrics. `job_settings` are JobSpec group fields by
     name (pipeline.jobspec: resources, scheduling, run policy, storage refs); the training pods
     run `image`, or `default_image` when it is ""."""
-    from pipeline import jobspec, podspec
+    from pipeline import podspec
 
     if launcher not in LAUNCHERS:
         raise StepError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -279,32 +279,19 @@ def train(
         owner = cluster.owner_from_env() if namespace == pod_namespace() else None
     else:
         namespace = ""
-    try:
-        spec = jobspec.job_spec(
-            name=name,
-            namespace=namespace,
-            image=image or default_image,
-            args=[],
-            env={str(k): str(v) for k, v in (env or {}).items()},
-            labels={"app.kubernetes.io/instance": name},
-            owner=owner,
-            **job_settings,
-        )
-    except (TypeError, ValueError) as exc:
-        raise StepError(f"train step settings: {exc}") from exc
-    res = spec.resources
-    spec = dataclasses.replace(
-        spec,
-        args=podspec.trainer_args(
-            config,
-            num_nodes=res.num_nodes,
-            nproc_per_node=res.nproc_per_node,
-            dataset_url=dataset_url,
-            checkpoint_dir=ckpt,
-            gpus_per_node=res.gpus_per_node,
-            overrides=list(overrides),
-        ),
+    spec = train_job_spec(
+        name,
+        namespace,
+        image or default_image,
+        dataset_url=dataset_url,
+        checkpoint_dir=ckpt,
+        config=config,
+        overrides=overrides,
+        env=env,
+        owner=owner,
+        job_settings=job_settings,
     )
+    res = spec.resources
     t0 = time.monotonic()
     runtime, job = build_job(backend, spec)
     if mode == "cluster":
@@ -349,6 +336,49 @@ def train(
     )
     print(f"trained trunk {trunk_url}: {json.dumps(summary)}", flush=True)
     return summary
+
+
+def train_job_spec(
+    name: str,
+    namespace: str,
+    image: str,
+    *,
+    dataset_url: str,
+    checkpoint_dir: str,
+    config: str,
+    overrides: list[str],
+    env: dict | None,
+    owner: dict | None,
+    job_settings: dict,
+):
+    """The training job's JobSpec: the trainer's arguments for `config` and the job's size, the
+    run parameters' settings (StepError naming a bad one)."""
+    from pipeline import jobspec, podspec
+
+    try:
+        spec = jobspec.job_spec(
+            name=name,
+            namespace=namespace,
+            image=image,
+            args=[],
+            env={str(k): str(v) for k, v in (env or {}).items()},
+            labels={"app.kubernetes.io/instance": name},
+            owner=owner,
+            **job_settings,
+        )
+    except (TypeError, ValueError) as exc:
+        raise StepError(f"train step settings: {exc}") from exc
+    res = spec.resources
+    args = podspec.trainer_args(
+        config,
+        num_nodes=res.num_nodes,
+        nproc_per_node=res.nproc_per_node,
+        dataset_url=dataset_url,
+        checkpoint_dir=checkpoint_dir,
+        gpus_per_node=res.gpus_per_node,
+        overrides=list(overrides),
+    )
+    return dataclasses.replace(spec, args=args)
 
 
 def build_job(backend: str, spec) -> tuple[dict | None, dict]:
