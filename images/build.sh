@@ -123,5 +123,11 @@ podman build --file images/Dockerfile --network=host --layers=false \
   --build-arg "BASE_IMAGE=$BASE" "${ARGS[@]}" "${MOUNTS[@]}" \
   "${TAG_ARGS[@]}" .
 set +x
+# Each build is ~6.4 GB: keep only this one (the other tags of REGISTRY/pirl, and anything left
+# dangling), so repeated builds do not fill the disk.
+for old in $(podman images --noheading --format '{{.Repository}}:{{.Tag}}' --filter "reference=$REGISTRY/pirl"); do
+  case " ${TAGS[*]} " in *" $old "*) ;; *) podman rmi "$old" > /dev/null && echo "build.sh: removed $old" >&2 ;; esac
+done
+podman image prune --force > /dev/null
 echo "build.sh: built ${TAGS[*]} in $(( $(date +%s) - start )) s," \
   "$(podman image inspect --format '{{.Size}}' "${TAGS[0]}") bytes" >&2

@@ -141,7 +141,8 @@ class ContainerJob(LocalJob):
             run += [f"--volume={host}:{target}" for host, target in volumes.items()]
             run += [f"--env={key}={value}" for key, value in sorted(pod.env.items())]
             pod.command = [*run, image, *container.get("args", [])]
-            pod.env = host_env  # of the `podman run` process; the container gets only --env
+            # the `podman run` process needs this machine's PATH; the container gets only --env
+            pod.env = {**host_env, **pod.env}
 
     def container_name(self, pod_name: str) -> str:
         return f"{self.name}-{pod_name}"

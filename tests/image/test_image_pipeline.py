@@ -79,19 +79,16 @@ def task_handler(arguments: dict):
     return PodmanTaskHandler
 
 
-def test_the_pipeline_runs_in_the_image_with_dockerrunner(image, tmp_path, monkeypatch):
+@pytest.fixture
+def docker_runner(image, tmp_path, monkeypatch):
+    """kfp.local on DockerRunner through podman's Docker API, every step a restricted pod;
+    yields (pipeline root, a function that installs the handler for a run's arguments)."""
     from kfp import local
     from kfp.local import docker_task_handler
 
-    from pipeline.pipeline import pirl_pretrain
-    from pirl.data.demo import write_digits_folder
-
     work = tmp_path / "work"  # the pipeline root, mounted into every step's container
     work.mkdir()
-    write_digits_folder(str(work / "digits"), size=32)
     os.chown(work, 1000, 1000)
-    for path in work.rglob("*"):
-        os.chown(path, 1000, 1000)
     with DockerAPIService(tmp_path) as service:
         monkeypatch.setenv("DOCKER_HOST", service.url)
         local.init(
@@ -106,15 +103,31 @@ def test_the_pipeline_runs_in_the_image_with_dockerrunner(image, tmp_path, monke
             ),
             pipeline_root=str(work),
         )
-        args = demo_arguments(str(work / "digits"), str(work / "out"))
-        args.update(
-            data_image=image,
-            bench_image=image,
-            train_overrides=QUICK_TRAIN,
-            bench_overrides=QUICK_BENCH,
-        )
-        monkeypatch.setattr(docker_task_handler, "DockerTaskHandler", task_handler(args))
-        run = pirl_pretrain(**args)
+
+        def for_run(arguments: dict) -> None:
+            handler = task_handler(arguments)
+            monkeypatch.setattr(docker_task_handler, "DockerTaskHandler", handler)
+
+        yield work, for_run
+
+
+def test_the_pipeline_runs_in_the_image_with_dockerrunner(image, docker_runner):
+    from pipeline.pipeline import pirl_pretrain
+    from pirl.data.demo import write_digits_folder
+
+    work, for_run = docker_runner
+    write_digits_folder(str(work / "digits"), size=32)
+    for path in work.rglob("*"):
+        os.chown(path, 1000, 1000)
+    args = demo_arguments(str(work / "digits"), str(work / "out"))
+    args.update(
+        data_image=image,
+        bench_image=image,
+        train_overrides=QUICK_TRAIN,
+        bench_overrides=QUICK_BENCH,
+    )
+    for_run(args)
+    run = pirl_pretrain(**args)
     report = run.output
     out_dir = report.metadata["output_dir"]
     assert out_dir.startswith(str(work / "out" / "runs"))
@@ -129,3 +142,23 @@ def test_the_pipeline_runs_in_the_image_with_dockerrunner(image, tmp_path, monke
     assert train_metrics["global_steps"] > 0
     # every step's files were written by the pods' user
     assert {p.stat().st_uid for p in (work / "out").rglob("*")} == {1000}
+
+
+def test_a_failing_step_fails_the_run(image, docker_runner):
+    """The step's exit code reaches KFP: prep of a source that does not exist fails the task
+    (kfp.local's own handler reported it SUCCESS, see the module doc)."""
+    from pipeline.components import make_components
+
+    work, for_run = docker_runner
+    for_run({})
+    prep = make_components(image).prep
+    with pytest.raises(RuntimeError, match="prep"):
+        prep(
+            source=str(work / "no-such-folder"),
+            dest=str(work / "dataset"),
+            shard_size=0,
+            resize=0,
+            workers=1,
+            val_fraction=0.0,
+            reuse_existing=False,
+        )
