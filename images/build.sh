@@ -77,45 +77,41 @@ if [ "$VARIANT" = "cpu" ] || [ "$OUTPUT" = "--push" ]; then
   exit 2
 fi
 images/podman-setup.sh > /dev/null
+if [ -z "$(git status --porcelain 2>/dev/null)" ] && [ "$VCS_REF" != unknown ] \
+   && [ -z "${FORCE:-}" ] && podman image exists "${TAGS[0]}"; then
+  echo "build.sh: ${TAGS[0]} exists (this commit, clean tree): nothing to do (FORCE=1 rebuilds)" >&2
+  exit 0
+fi
 BASE="${LOCAL_BASE_IMAGE:-localhost/pirl-base:bookworm}"
 images/local-base.sh "$BASE"
 PIPCONF="$(mktemp -d /var/tmp/pirl-pip.XXXXXX)"
 trap 'rm -rf "$PIPCONF"' EXIT
 MOUNTS=(--volume "$PIPCONF:/etc/xdg/pip:ro")
 CA="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
+# Where this machine's pip finds wheels (find-links folders, file:// indexes), each once.
+LINKS="$(printf '%s\n' $(pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-} | awk 'NF && !seen[$0]++')"
+INDEXES="$(printf '%s\n' $(pip config get global.extra-index-url 2>/dev/null || true) ${PIP_EXTRA_INDEX_URL:-} | awk 'NF && !seen[$0]++')"
+find_links=""
+extra_indexes=""
+for dir in $LINKS; do
+  if [ -d "$dir" ]; then find_links="$find_links $dir"; MOUNTS+=(--volume "$dir:$dir:ro"); fi
+done
+for url in $INDEXES; do
+  dir="${url#file://}"
+  if [ "$dir" = "$url" ]; then
+    extra_indexes="$extra_indexes $url"  # a remote index: reachable with --network=host
+  elif [ -d "$dir" ]; then
+    root="$(dirname "$dir")"  # the index's files sit beside simple/: mount its parent
+    extra_indexes="$extra_indexes $url"; MOUNTS+=(--volume "$root:$root:ro")
+  fi
+done
 {
   echo "[global]"
   # A proxy that re-signs TLS: PyPI is reachable only with this machine's CA bundle.
   if [ -f "$CA" ]; then cp "$CA" "$PIPCONF/ca-bundle.crt"; echo "cert = /etc/xdg/pip/ca-bundle.crt"; fi
-  # Wheels on this machine's disk (the pinned torch): the same paths, mounted read-only.
-  links="$(pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-}"
-  indexes="$(pip config get global.extra-index-url 2>/dev/null || true) ${PIP_EXTRA_INDEX_URL:-}"
-  for dir in $links; do
-    if [ -d "$dir" ]; then echo "find-links = $dir"; MOUNTS+=(--volume "$dir:$dir:ro"); fi
-  done
-  extra=""
-  for url in $indexes; do
-    dir="${url#file://}"
-    if [ "$dir" != "$url" ] && [ -d "$dir" ]; then
-      root="$(dirname "$dir")"  # the index's files sit beside simple/
-      extra="$extra $url"; MOUNTS+=(--volume "$root:$root:ro")
-    elif [ "$dir" = "$url" ]; then
-      extra="$extra $url"
-    fi
-  done
-  if [ -n "$extra" ]; then echo "extra-index-url =$extra"; fi
-} > "$PIPCONF/pip.conf.tmp"
-# find-links given twice keeps only the last: join them on one line.
-python3 - "$PIPCONF/pip.conf.tmp" > "$PIPCONF/pip.conf" <<'PY'
-import sys
-lines = open(sys.argv[1]).read().splitlines()
-links = [l.split("=", 1)[1].strip() for l in lines if l.startswith("find-links")]
-out = [l for l in lines if not l.startswith("find-links")]
-if links:
-    out.append("find-links = " + " ".join(dict.fromkeys(links)))
-print("\n".join(out))
-PY
-rm "$PIPCONF/pip.conf.tmp"
+  if [ -n "$find_links" ]; then echo "find-links =$find_links"; fi
+  if [ -n "$extra_indexes" ]; then echo "extra-index-url =$extra_indexes"; fi
+} > "$PIPCONF/pip.conf"
 
 start=$(date +%s)
 set -x
