@@ -27,7 +27,9 @@ def unavailable(reason: str):
 def image() -> str:
     """The image under test, present in podman's store."""
     if os.geteuid() != 0:
-        unavailable("the image tier runs rootful podman and hands files to uid 1000: run it as root")
+        unavailable(
+            "the image tier runs rootful podman and hands files to uid 1000: run it as root"
+        )
     if shutil.which("podman") is None:
         unavailable("podman is not installed: `make image` installs it and builds the image")
     name = os.environ.get("PIRL_TEST_IMAGE") or default_image()
