@@ -1,5 +1,5 @@
-"""The image tier: every test here runs the built image under podman (each module is marked
-`image` and `slow`).
+"""The image tier: the tests here run the built image under podman (those modules are marked
+`image` and `slow`; test_container_job_spec.py checks the container commands without podman).
 
 Skipped, with the reason, where podman or the image is missing; `.ci/run` builds the image and
 sets PIRL_REQUIRE_IMAGE=1, which turns those skips into failures. PIRL_TEST_IMAGE names another
