@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-quick lint format demo lock clean
+.PHONY: setup test test-quick test-image image lint format demo lock clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,16 @@ test: lint
 # The quick tier: skips the tests marked slow.
 test-quick: lint
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# The container image, built here from nothing with podman (installed and configured by
+# images/podman-setup.sh): localhost/pirl:VERSION-<git sha>. See images/README.md.
+image:
+	images/build.sh --local
+
+# The image tier alone (tests/image): the image run as Kubernetes runs it. `make test` runs it too,
+# skipping it when the image is not built.
+test-image: $(STAMP)
+	$(PY) -m pytest -q -ra -m image tests/image
 
 # The project's main job, locally on a small real dataset.
 # `make demo DEMO_ARGS="--backend trainjob"` runs the training step as a Kubeflow Trainer v2 TrainJob.

@@ -19,7 +19,8 @@ from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 DEFAULT_IMAGE = (
-    "registry.example.com/ml/pirl:0.1.0"  # images/build.sh's default REGISTRY/pirl:VERSION
+    # images/build.sh's default REGISTRY/pirl:VERSION: a release tag, pushed once (images/README.md)
+    "registry.example.com/ml/pirl:0.1.0"
 )
 IMAGE = os.environ.get("PIRL_IMAGE", DEFAULT_IMAGE)
 

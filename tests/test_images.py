@@ -224,42 +224,77 @@ def test_every_dependency_is_locked():
 # Build script
 
 
-@pytest.mark.parametrize("variant", ["gpu", "cpu"])
-def test_build_script_tags_from_the_package_version(tmp_path, variant):
-    assert subprocess.run(["bash", "-n", str(BUILD_SCRIPT)]).returncode == 0
-    fake = tmp_path / "docker"
+def run_build_script(tmp_path, *flags: str, cwd: Path = REPO) -> list[str]:
+    """images/build.sh (from `cwd`'s checkout) with a fake `docker`: the arguments it got."""
+    script = cwd / "images" / "build.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir(exist_ok=True)
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$DOCKER_ARGS_FILE"\n')
     fake.chmod(0o755)
     args_file = tmp_path / "args"
     env = {
         **os.environ,
-        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
         "DOCKER_ARGS_FILE": str(args_file),
         "REGISTRY": "registry.test/team",
     }
-    flags = ["--push"] + (["--cpu"] if variant == "cpu" else [])
     proc = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=60
+        ["bash", str(script), *flags], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    args = args_file.read_text().splitlines()
+    return args_file.read_text().splitlines()
+
+
+def tags(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == "--tag"]
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_build_script_tags_from_the_package_version(tmp_path, variant):
+    args = run_build_script(tmp_path, "--push", *(["--cpu"] if variant == "cpu" else []))
     assert args[:2] == ["buildx", "build"] and args[-1] == "." and "--push" in args
     assert args[args.index("--file") + 1] == "images/Dockerfile"
-    tag = args[args.index("--tag") + 1]
     build_args = {args[i + 1] for i, a in enumerate(args) if a == "--build-arg"}
     assert f"VERSION={VERSION}" in build_args
+    sha = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    suffix = "-cpu" if variant == "cpu" else ""
+    # a development checkout: the commit's own tag only, never the release's VERSION tag
+    assert tags(args) == [f"registry.test/team/pirl:{VERSION}-{sha[:12]}{suffix}"]
+    assert f"VCS_REF={sha}" in build_args
     if variant == "cpu":
-        assert tag == f"registry.test/team/pirl:{VERSION}-cpu"
         assert "BASE_IMAGE=python:3.11-slim" in build_args
         assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in build_args
     else:
-        assert tag == f"registry.test/team/pirl:{VERSION}"
         assert not any(a.startswith("BASE_IMAGE=") for a in build_args)
+
+
+def test_build_script_tags_the_version_only_for_a_clean_release_commit(tmp_path):
+    """VERSION, the tag the manifests and the pipeline default to, is pushed from the commit
+    tagged vVERSION with a clean tree, and from nowhere else: it never names two images."""
+    repo = tmp_path / "repo"
+    (repo / "images").mkdir(parents=True)
+    shutil.copy(BUILD_SCRIPT, repo / "images" / "build.sh")
+    shutil.copy(REPO / "pyproject.toml", repo / "pyproject.toml")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "release"]):
+        subprocess.run([*git, *cmd], check=True, capture_output=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    commit_tag = f"registry.test/team/pirl:{VERSION}-{sha.strip()[:12]}"
+    assert tags(run_build_script(tmp_path, "--push", cwd=repo)) == [commit_tag]  # untagged
+    subprocess.run([*git, "tag", f"v{VERSION}"], check=True)
+    release = [commit_tag, f"registry.test/team/pirl:{VERSION}"]
+    assert tags(run_build_script(tmp_path, "--push", cwd=repo)) == release
+    (repo / "pyproject.toml").write_text((repo / "pyproject.toml").read_text() + "\n")
+    assert tags(run_build_script(tmp_path, "--push", cwd=repo)) == [commit_tag]  # dirty tree
 
 
 def test_build_script_default_registry_is_the_manifests():
     text = BUILD_SCRIPT.read_text()
-    (default,) = re.findall(r'REGISTRY="\$\{REGISTRY:-([^}]+)\}"', text)
+    defaults = re.findall(r'REGISTRY="\$\{REGISTRY:-([^}]+)\}"', text)
+    (default,) = [d for d in defaults if d != "localhost"]  # localhost: the --local build's
     kustomization = yaml.safe_load((REPO / "manifests/base/kustomization.yaml").read_text())
     (image,) = kustomization["images"]
     assert image["newName"] == f"{default}/pirl" and image["newTag"] == VERSION
