@@ -1,5 +1,5 @@
 """Numeric format of the training step: autocast dtype and memory format, shared by the trainer
-and `pirl bench` so that the benchmark measures exactly what training runs.
+and `pirl throughput` so that the benchmark measures exactly what training runs.
 
 - `MODEL.AMP_PARAMS.USE_AMP`: the forward pass under torch.autocast in AMP_DTYPE (bfloat16 by
   default) on GPU and on CPU; the loss, the memory bank and the optimizer stay float32. float16
