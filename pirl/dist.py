@@ -120,7 +120,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         dtype=tensor.dtype,
         device=tensor.device,
     )
-    tdist.all_gather_into_tensor(out, tensor.contiguous())
+    tdist.all_gather_single(out, tensor.contiguous())
     return out
 
 
