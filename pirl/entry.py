@@ -11,10 +11,12 @@ Anything else is a bug here: it propagates with its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,17 +31,30 @@ class Terminated(Exception):
     """SIGTERM arrived: the command stopped without writing anything more."""
 
 
-# Gloo reports a lost or stalled peer as a plain RuntimeError whose message starts with the
-# gloo source location that failed, e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error".
+# Gloo reports a lost or stalled peer as a plain RuntimeError: raised by a collective of torch's
+# distributed code (e.g. "Application timeout caused pair closure" from DDP's buffer broadcast),
+# or, from DDP's gradient hooks inside backward, with the gloo source location that failed
+# first, e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error".
 GLOO_ERROR = re.compile(r"^\[[^\]]*/gloo/[^\]]*\]")
+C10D = f"{os.sep}torch{os.sep}distributed{os.sep}"  # the collectives, the store, DDP's utils
+DDP = f"{os.sep}torch{os.sep}nn{os.sep}parallel{os.sep}distributed.py"
+DDP_COLLECTIVES = {"_distributed_broadcast_coalesced"}  # its buffer broadcast before a forward
 
 
 def is_peer_failure(exc: BaseException) -> bool:
     """A collective failed because another rank died or stalled (retryable), not a bug here:
-    torch's distributed error types (NCCL, the store, the network), or gloo's own errors."""
+    torch's distributed error types (NCCL, the store, the network), or gloo's RuntimeErrors
+    (raised by torch's distributed code, or located in gloo). Never by the words of a message."""
     if isinstance(exc, tdist.DistError):
         return True
-    return type(exc) is RuntimeError and bool(GLOO_ERROR.match(str(exc)))
+    if type(exc) is not RuntimeError:
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]  # the Python frame that called into the C++ collective
+        if C10D in last.filename or (last.filename.endswith(DDP) and last.name in DDP_COLLECTIVES):
+            return True
+    return bool(GLOO_ERROR.match(str(exc)))
 
 
 def setup_logging(rank: int) -> None:

@@ -32,6 +32,35 @@ def test_torchs_distributed_errors_and_gloos_are_peer_failures(exc):
     assert is_peer_failure(exc)
 
 
+def raised_in(filename: str, function: str, exc: Exception) -> Exception:
+    """`exc` as raised by `function` of a module at `filename`."""
+    code = compile(f"def {function}():\n    raise exc\n", filename, "exec")
+    namespace = {"exc": exc}
+    exec(code, namespace)
+    try:
+        namespace[function]()
+    except Exception as raised:
+        return raised
+    raise AssertionError("not raised")
+
+
+def test_a_runtime_error_raised_by_a_collective_is_a_peer_failure():
+    torch_dir = f"{os.sep}venv{os.sep}torch{os.sep}"
+    c10d = f"{torch_dir}distributed{os.sep}distributed_c10d.py"
+    ddp = f"{torch_dir}nn{os.sep}parallel{os.sep}distributed.py"
+
+    def pair_closure() -> RuntimeError:
+        return RuntimeError("Application timeout caused pair closure")
+
+    assert is_peer_failure(raised_in(c10d, "all_reduce", pair_closure()))
+    assert is_peer_failure(raised_in(ddp, "_distributed_broadcast_coalesced", pair_closure()))
+    # DDP's own checks (a model bug, e.g. unused parameters) are not a lost peer
+    unused = RuntimeError("Expected to have finished reduction in the prior iteration")
+    assert not is_peer_failure(raised_in(ddp, "_pre_forward", unused))
+    assert not is_peer_failure(raised_in("/repo/pirl/loss.py", "forward", pair_closure()))
+    assert not is_peer_failure(raised_in(c10d, "all_reduce", ValueError("a bad argument")))
+
+
 @pytest.mark.parametrize(
     "exc",
     [
