@@ -12,6 +12,7 @@ bank, optimizer, scaler), `resume`s, then runs `train_one_epoch` per epoch, each
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import random
@@ -284,8 +285,10 @@ def train_one_epoch(
         leave=False,
         disable=not (metrics.is_main and sys.stderr.isatty()),
     )
-    # range first: at MAX_STEPS the loop ends without drawing another batch
-    for step, batch in zip(range(first, last), data.batches(epoch, first), strict=False):
+    batches = data.batches(epoch, first)
+    if last < steps_per_epoch:  # MAX_STEPS: stop without drawing another batch
+        batches = itertools.islice(batches, last - first)
+    for step, batch in enumerate(batches, start=first):
         bar.update(1)
         if augment is not None:
             batch = augment(batch, epoch)
