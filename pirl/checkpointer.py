@@ -6,11 +6,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pirl import checkpoint, config, dist
 from pirl.metrics_log import MetricsLog
+
+if TYPE_CHECKING:
+    from pirl.train import Training
 
 log = logging.getLogger("pirl")
 
@@ -50,18 +54,21 @@ class Checkpointer:
     while rank 0 uploads, so a SIGTERM handler can abandon an upload that would outlast the
     grace period."""
 
-    def __init__(self, cfg: config.Config, env: dist.DistEnv, training, metrics: MetricsLog):
+    def __init__(
+        self,
+        cfg: config.Config,
+        env: dist.DistEnv,
+        training: Training,
+        metrics: MetricsLog,
+        start: TrainState,
+    ):
         self.cfg, self.env, self.training, self.metrics = cfg, env, training, metrics
         self.root = cfg.CHECKPOINT.DIR
         self.saving = False
-        self.last_saved_step: int | None = None
+        self.last_saved_step = start.global_step if start.resumed else None
         # a resumed run unpublishes, before its first save, the checkpoints newer than the one
         # it resumed from (they failed verification)
-        self._unpublish_newer = False
-
-    def resumed_at(self, state: TrainState) -> None:
-        self.last_saved_step = state.global_step
-        self._unpublish_newer = True
+        self._unpublish_newer = start.resumed
 
     def save(self, state: TrainState) -> None:
         t = self.training

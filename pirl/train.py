@@ -339,9 +339,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     state = resume(cfg, env, t)
     t.step_model = data_parallel(t.model, cfg, env)
     metrics = MetricsLog.resume(cfg.CHECKPOINT.DIR, state.global_step, env.world_size, env.is_main)
-    checkpointer = Checkpointer(cfg, env, t, metrics)
-    if state.resumed:
-        checkpointer.resumed_at(state)
+    checkpointer = Checkpointer(cfg, env, t, metrics, start=state)
     sigterm = SigtermFlag(checkpointer)
     signal.signal(signal.SIGTERM, sigterm)
     augment = device_augmentation(cfg, env.device)
