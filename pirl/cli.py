@@ -20,7 +20,7 @@ DEPRECATED = {"bench": "throughput"}
 
 def usage() -> str:
     lines = ["usage: pirl <command> [args]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
