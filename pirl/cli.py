@@ -10,13 +10,17 @@ COMMANDS = {
     "prep": ("pirl.prep", "turn an image folder into a sharded dataset on any fsspec URL"),
     "benchmark": ("pirl.benchmark", "linear evaluation and kNN of a trained trunk"),
     "extract": ("pirl.extract", "features of chosen layers for a dataset split (offline kNN/SVM)"),
-    "bench": ("pirl.bench", "training throughput benchmark"),
+    "throughput": (
+        "pirl.tools.throughput",
+        "images/s of training steps, per phase (a measurement)",
+    ),
 }
+DEPRECATED = {"bench": "throughput"}
 
 
 def usage() -> str:
     lines = ["usage: pirl <command> [args]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -26,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name in DEPRECATED:
+        print(f"pirl: {name!r} is deprecated; use {DEPRECATED[name]!r}", file=sys.stderr)
+        name = DEPRECATED[name]
     if name not in COMMANDS:
         print(f"pirl: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -249,12 +249,18 @@ class PatchesAndImageCrops:
         for image, g in zip(images, generators, strict=True):
             image_views.append(_random_resized_crop(image, self.image_crop, g))
             jigsaw_crops.append(_random_resized_crop(image, self.jigsaw_crop, g))
-            offsets.append(torch.randint(self.jitter + 1, (self.num_patches, 2), generator=g))
+            offsets.append(self._offsets(g))
             orders.append(torch.randperm(self.num_patches, generator=g))
         patches = self.cut_patches(
             torch.stack(jigsaw_crops), torch.stack(offsets), torch.stack(orders)
         )
         return [_to_float(torch.stack(image_views)), _to_float(patches)]
+
+    def _offsets(self, g: torch.Generator) -> torch.Tensor:
+        """Per-cell (x, y) jitter offsets, uniform in [0, patch_jitter) as on the CPU path."""
+        if not self.jitter:
+            return torch.zeros((self.num_patches, 2), dtype=torch.long)
+        return torch.randint(self.jitter, (self.num_patches, 2), generator=g)
 
     def cut_patches(
         self, jigsaw: torch.Tensor, offsets: torch.Tensor, orders: torch.Tensor

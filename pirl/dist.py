@@ -56,15 +56,26 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device_preference: str = "auto", timeout_seconds: int = 1800) -> DistEnv:
+def pick_backend(requested: str, device: torch.device) -> str:
+    """config.DISTRIBUTED.BACKEND on this device: gloo is honoured everywhere (GPU included);
+    nccl needs CUDA, so a CPU device runs gloo (VISSL's presets all name nccl)."""
+    if requested == "gloo" or device.type != "cuda":
+        return "gloo"
+    return "nccl"
+
+
+def init(
+    device_preference: str = "auto", timeout_seconds: int = 1800, backend: str = "nccl"
+) -> DistEnv:
     """Initialise the process group if the launcher asked for more than one process.
 
-    NCCL on GPUs, gloo on CPU. `timeout_seconds` bounds every collective, so a hung or lost
-    peer fails the job (retryable) instead of blocking it forever.
+    `backend` is config.DISTRIBUTED.BACKEND (see `pick_backend`). `timeout_seconds` bounds
+    every collective, so a hung or lost peer fails the job (retryable) instead of blocking it
+    forever.
     """
     rank, local, world = launch_env()
     device = pick_device(device_preference, local)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = pick_backend(backend, device)
     if world > 1 and not tdist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
@@ -77,7 +88,7 @@ def init(device_preference: str = "auto", timeout_seconds: int = 1800) -> DistEn
                 rank=rank,
                 world_size=world,
                 timeout=datetime.timedelta(seconds=timeout_seconds),
-                device_id=device if device.type == "cuda" else None,
+                device_id=device if backend == "nccl" else None,
             )
         except (
             RuntimeError,
@@ -110,7 +121,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         dtype=tensor.dtype,
         device=tensor.device,
     )
-    tdist.all_gather_into_tensor(out, tensor.contiguous())
+    tdist.all_gather_single(out, tensor.contiguous())
     return out
 
 

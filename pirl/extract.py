@@ -33,7 +33,8 @@ import yaml
 from torch import nn
 
 from pirl import dist, storage
-from pirl.errors import ConfigError, DataError, PirlError
+from pirl.entry import run_main, start
+from pirl.errors import ConfigError, DataError
 from pirl.models import ResNetTrunk
 
 log = logging.getLogger("pirl")
@@ -369,29 +370,23 @@ def extract(args: argparse.Namespace, env: dist.DistEnv) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pirl.train import setup_logging
-
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        env = dist.init(args.device)
-        setup_logging(env.rank)
-        try:
-            if env.is_main:
-                storage.check_writable(args.output)
-            manifest = extract(args, env)
-            dist.barrier()
-        finally:
-            dist.cleanup()
-    except PirlError as exc:
-        print(f"pirl extract: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    env = start(args.device)
+    if env.is_main:
+        storage.check_writable(args.output)
+    manifest = extract(args, env)
+    dist.barrier()
     if env.is_main:
         print(
             f"{manifest['num_samples']} samples, layers {manifest['layers']} "
             f"{manifest['shapes']} -> {args.output}"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("pirl extract", lambda: run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Numeric format of the training step: autocast dtype and memory format, shared by the trainer
-and `pirl bench` so that the benchmark measures exactly what training runs.
+"""Numeric format of the forward pass: autocast dtype and memory format, shared by the trainer,
+`pirl throughput` (which measures exactly what training runs) and `pirl benchmark`'s frozen trunk.
 
 - `MODEL.AMP_PARAMS.USE_AMP`: the forward pass under torch.autocast in AMP_DTYPE (bfloat16 by
-  default) on GPU and on CPU; the loss, the memory bank and the optimizer stay float32. float16
-  gets a gradient scaler; bfloat16 needs none.
+  default) on GPU and on CPU, in training and in the benchmark alike; the loss, the memory bank,
+  the optimizer and the benchmark's heads stay float32. float16 gets a gradient scaler;
+  bfloat16 needs none.
 - `MODEL.CHANNELS_LAST`: model and inputs in NHWC, the layout oneDNN and cuDNN convolve fastest.
 """
 
@@ -15,7 +16,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from pirl.schema import Model
+from pirl.schema import AmpParams, Model
 
 log = logging.getLogger("pirl")
 
@@ -24,7 +25,12 @@ AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def autocast_dtype(model_cfg: Model, device: torch.device) -> torch.dtype | None:
     """The forward pass's autocast dtype, or None for float32 throughout."""
-    amp = model_cfg.AMP_PARAMS
+    return amp_dtype(model_cfg.AMP_PARAMS, device)
+
+
+def amp_dtype(amp: AmpParams, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype an AMP_PARAMS section (pretraining's or the benchmark's) asks for on
+    `device`, or None for float32."""
     if not amp.USE_AMP:
         return None
     dtype = AMP_DTYPES[amp.AMP_DTYPE]

@@ -196,7 +196,7 @@ class Loss:
 
 @dataclass
 class Distributed:
-    BACKEND: str = "nccl"  # nccl on GPUs; gloo is used automatically on CPU
+    BACKEND: str = "nccl"  # nccl on GPUs (gloo on CPU, which NCCL cannot run); gloo: everywhere
     NUM_NODES: int = 1
     NUM_PROC_PER_NODE: int = 8
     INIT_METHOD: str = "tcp"
@@ -238,7 +238,7 @@ class Config:
     TEST_MODEL: bool = False
     SEED_VALUE: int = 0
     MULTI_PROCESSING_METHOD: str = "forkserver"
-    MAX_STEPS: int = -1  # ours: stop after this many optimizer steps in total (-1 = no limit)
+    MAX_STEPS: int = -1  # ours: stop after this many steps, then save and export (-1: no limit)
     MACHINE: Machine = field(default_factory=Machine)
     DATA: Data = field(default_factory=Data)
     MODEL: Model = field(default_factory=Model)

@@ -3,19 +3,25 @@
 The same command runs as one process, under `torchrun --nproc-per-node=N`, and in every pod of
 a Kubeflow PyTorchJob (started through torchrun, which reads the operator's PET_* variables).
 Every start auto-resumes from the newest complete checkpoint in CHECKPOINT.DIR.
+
+Read top to bottom: `_train` opens the data, builds the `Training` (model, loss with its memory
+bank, optimizer, scaler), `resume`s, then runs `train_one_epoch` per epoch, each step one
+`train_step` (the function `pirl throughput` times); `MetricsLog` records, `Checkpointer` saves.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import itertools
 import logging
 import math
 import random
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import yaml
@@ -23,76 +29,20 @@ from torch import nn
 from tqdm import tqdm
 
 from pirl import checkpoint, config, dist, lease, precision, storage
+from pirl.checkpointer import Checkpointer, TrainState
 from pirl.data import open_train_data, sample_seed
-from pirl.errors import (
-    EXIT_RETRYABLE,
-    EXIT_TERMINATED,
-    ConfigError,
-    DataError,
-    DivergedError,
-    PirlError,
-    StorageError,
-)
-from pirl.health import HealthMeter, collapse_warning
+from pirl.entry import Terminated, run_main, start
+from pirl.errors import ConfigError, DataError, DivergedError, StorageError
+from pirl.health import HealthMeter
 from pirl.loss import NCELossWithMemory
+from pirl.metrics_log import MetricsLog
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
-from pirl.redaction import redact
+from pirl.schema import Model
 from pirl.transforms import build_collator, build_transform, collate_encoded
 from pirl.weights import export_torchvision
 
 log = logging.getLogger("pirl")
-
-
-class Terminated(Exception):
-    """SIGTERM arrived: stop after the current step, write nothing, exit with a retryable code."""
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
-
-
-def read_metrics(root: str, upto_step: int) -> list[dict]:
-    url = storage.join(root, "metrics.jsonl")
-    try:
-        lines = storage.read_bytes(url).decode().splitlines()
-    except (FileNotFoundError, storage.StorageError):
-        return []
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:
-            record = "damaged"
-        if record is not None and not isinstance(record, dict):
-            log.warning("%s line %d is not a JSON record; skipped", url, number)
-        elif record is not None and _step_of(record) <= upto_step:
-            records.append(record)
-    return records
-
-
-def _step_of(record: dict) -> int:
-    step = record.get("global_step", 0)
-    return step if isinstance(step, int) else 0
-
-
-def write_metrics(root: str, records: list[dict]) -> None:
-    storage.write_bytes(
-        storage.join(root, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in records).encode()
-    )
-
-
-def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        return _train(cfg, derived, env)
-    finally:  # callers in the same process (tests, notebooks) get their own handler back
-        signal.signal(signal.SIGTERM, previous)
 
 
 def open_data(cfg: config.Config, env: dist.DistEnv):
@@ -140,9 +90,25 @@ def device_augmentation(cfg: config.Config, device: torch.device):
     return augment
 
 
-def build_training(cfg: config.Config, env: dist.DistEnv, num_samples: int, lr: float):
-    """Model (placed, SyncBN if asked), loss with its memory bank, optimizer: for the trainer and
-    for `pirl bench`, which must time the same thing."""
+@dataclass
+class Training:
+    """What a training step touches. `model` is the bare model (its state dict, its input
+    keys); `step_model` is what the forward calls (DDP and/or compiled, see `data_parallel`)."""
+
+    model: nn.Module
+    step_model: nn.Module
+    criterion: NCELossWithMemory
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    model_cfg: Model
+    device: torch.device
+
+
+def build_training(cfg: config.Config, env: dist.DistEnv, num_samples: int, lr: float) -> Training:
+    """Model (placed, SyncBN if asked), loss with its memory bank, optimizer and loss scaler: for
+    the trainer and for `pirl throughput`, which must time the same thing. `step_model` is the
+    bare model until `data_parallel` wraps it (after a resume has loaded the weights)."""
     device = env.device
     model = precision.place_model(build_model(cfg), cfg.MODEL, device)
     if env.world_size > 1 and cfg.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN:
@@ -150,10 +116,13 @@ def build_training(cfg: config.Config, env: dist.DistEnv, num_samples: int, lr: 
     criterion = NCELossWithMemory(
         cfg.LOSS.nce_loss_with_memory, num_samples, seed=cfg.SEED_VALUE, rank=env.rank
     ).to(device)
+    criterion.meter = HealthMeter()
     optimizer = build_optimizer(
         model, cfg.OPTIMIZER, lr=lr, fused=cfg.OPTIMIZER.use_fused and device.type == "cuda"
     )
-    return model, criterion, optimizer
+    amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
+    scaler = precision.grad_scaler(device, amp_dtype)
+    return Training(model, model, criterion, optimizer, scaler, amp_dtype, cfg.MODEL, device)
 
 
 def data_parallel(model: nn.Module, cfg: config.Config, env: dist.DistEnv) -> nn.Module:
@@ -164,9 +133,38 @@ def data_parallel(model: nn.Module, cfg: config.Config, env: dist.DistEnv) -> nn
         step_model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
+            forward_sync_buffers=cfg.DISTRIBUTED.BROADCAST_BUFFERS,
         )
     return torch.compile(step_model) if cfg.MODEL.COMPILE else step_model
+
+
+def untimed(phase: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+def train_step(
+    t: Training,
+    batch: dict,
+    lr: float,
+    timed: Callable[[str], AbstractContextManager] = untimed,
+) -> torch.Tensor:
+    """One optimisation step on `batch` at learning rate `lr`; returns this rank's loss.
+    `timed(phase)` wraps each phase ("forward", "loss_memory", "backward", "optimizer") for
+    `pirl throughput`; training leaves it untimed."""
+    set_lr(t.optimizer, lr)
+    index = batch["index"].to(t.device, non_blocking=True)
+    inputs = {k: precision.place_input(batch[k], t.model_cfg, t.device) for k in t.model.input_keys}
+    with timed("forward"), precision.autocast(t.device, t.amp_dtype):
+        outputs = t.step_model(inputs)
+    with timed("loss_memory"):
+        loss = t.criterion(outputs, index)
+    with timed("backward"):
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+    with timed("optimizer"):
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    return loss
 
 
 def describe_trunk(trunk: dict) -> str:
@@ -195,62 +193,16 @@ def load_model_state(model: nn.Module, state: dict, name: str, cfg: config.Confi
         ) from None
 
 
-def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
+def resume(cfg: config.Config, env: dist.DistEnv, t: Training) -> TrainState:
+    """Load the newest checkpoint that verifies into `t`, or start from scratch (memory bank
+    synchronised across ranks); where training stands."""
     root = cfg.CHECKPOINT.DIR
-    device = env.device
-    # ============ data ============
-    data = open_data(cfg, env)
-    derived = config.derive(cfg, env.world_size, data.num_samples)  # memory size = dataset length
-    steps_per_epoch = data.steps_per_epoch
-    num_epochs = cfg.OPTIMIZER.num_epochs
-    log.info(
-        "%d samples, %d rank(s) x batch %d = global batch %d, %d steps/epoch, LR %s",
-        data.num_samples,
-        env.world_size,
-        derived.batch_size_per_rank,
-        derived.global_batch_size,
-        steps_per_epoch,
-        derived.lr,
+    found = (
+        checkpoint.load_latest(root, map_location=env.device)
+        if cfg.CHECKPOINT.AUTO_RESUME
+        else None
     )
-    for note in derived.notes:
-        log.info("config: %s", note)
-
-    # ============ model, loss, optimizer ============
-    model, criterion, optimizer = build_training(
-        cfg, env, data.num_samples, lr=config.lr_at(derived.lr, 0, num_epochs)
-    )
-    criterion.meter = HealthMeter()
-    amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
-    scaler = precision.grad_scaler(device, amp_dtype)
-    augment = device_augmentation(cfg, device)
-
-    # ============ resume ============
-    start_epoch, start_step, global_step = 0, 0, 0
-    resumed = (
-        checkpoint.load_latest(root, map_location=device) if cfg.CHECKPOINT.AUTO_RESUME else None
-    )
-    if resumed is not None:
-        state, meta = resumed
-        load_model_state(model, state, meta["file"], cfg)
-        criterion.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        criterion.generator.set_state(
-            state["negatives_rng"][env.rank % len(state["negatives_rng"])].cpu().clone()
-        )
-        start_epoch, start_step, global_step = (
-            state["epoch"],
-            state["step_in_epoch"],
-            state["global_step"],
-        )
-        log.info(
-            "resumed from %s: epoch %d, step %d (global step %d)",
-            meta["file"],
-            start_epoch,
-            start_step,
-            global_step,
-        )
-    else:
+    if found is None:
         if cfg.CHECKPOINT.AUTO_RESUME and checkpoint.complete(root):
             # Starting over would also let KEEP_LAST delete the new run's checkpoints in favour
             # of the unusable, higher-numbered ones.
@@ -259,217 +211,186 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                 "(corrupt, partial or unsafe: see the warnings above); restore a good copy, or "
                 "move them away to start from scratch"
             )
-        criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
-    metrics = read_metrics(root, global_step) if env.is_main else []
-    unverified = {"check": resumed is not None}  # newer checkpoints than the one resumed from
+        t.criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
+        return TrainState()
+    state, meta = found
+    load_model_state(t.model, state, meta["file"], cfg)
+    t.criterion.load_state_dict(state["loss"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scaler.load_state_dict(state["scaler"])
+    rngs = state["negatives_rng"]
+    t.criterion.generator.set_state(rngs[env.rank % len(rngs)].cpu().clone())
+    resumed = TrainState(state["epoch"], state["step_in_epoch"], state["global_step"], True)
+    log.info(
+        "resumed from %s: epoch %d, step %d (global step %d)",
+        meta["file"],
+        resumed.epoch,
+        resumed.step_in_epoch,
+        resumed.global_step,
+    )
+    return resumed
 
-    ddp_model = data_parallel(model, cfg, env)
 
-    def replica_digests() -> dict:
-        """sha256 of every rank's memory bank and model parameters: replicas must be bit-identical.
-        (BN running statistics are per rank between steps; DDP broadcasts rank 0's each forward.)"""
-        out = {}
-        for name, tensors in (
-            ("memory", [criterion.memory.memory]),
-            ("model", list(model.parameters())),
-        ):
-            h = hashlib.sha256()
-            for t in tensors:
-                h.update(
-                    t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                )
-            digest = torch.tensor(list(h.digest()[:8]), dtype=torch.uint8, device=device)
-            out[name] = [bytes(d.tolist()).hex() for d in dist.all_gather_cat(digest[None]).cpu()]
-        return out
+class SigtermFlag:
+    """SIGTERM handler of the loop: notes the signal (every rank then stops after the same step,
+    writing nothing more) and abandons a checkpoint upload in progress, which could outlast the
+    grace period."""
 
-    def save(epoch: int, step_in_epoch: int) -> None:
-        # Every rank's negatives RNG state is gathered so each resumes its own stream.
-        digests = replica_digests()
-        if any(len(set(v)) > 1 for v in digests.values()):
-            log.error("replicas differ across ranks: %s", digests)
-        metrics.append(
-            {
-                "epoch": epoch,
-                "step": step_in_epoch,
-                "global_step": global_step,
-                "replica_digests": digests,
-            }
-        )
-        rng = criterion.generator.get_state()
-        rngs = dist.all_gather_cat(rng[None].to(device)).cpu() if env.world_size > 1 else rng[None]
-        if env.is_main:
-            if unverified["check"]:
-                unverified["check"] = False
-                for name in checkpoint.unpublish_newer(root, global_step):
-                    log.warning("unpublished %s: newer than the resumed one, not verifiable", name)
-            state = {
-                "model": model.state_dict(),
-                "loss": criterion.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "negatives_rng": [r.clone() for r in rngs],  # own storage each: set_state needs it
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": global_step,
-                "config": config.dump_yaml(cfg),
-            }
-            # metrics first: killed in between, metrics.jsonl holds every record up to the newest
-            # checkpoint (a resume drops the records beyond it), never fewer
-            terminate["saving"] = True
-            write_metrics(root, metrics)
-            url = checkpoint.save(
-                root,
-                state,
-                epoch=epoch,
-                step_in_epoch=step_in_epoch,
-                global_step=global_step,
-                keep_last=cfg.CHECKPOINT.KEEP_LAST,
-            )
-            terminate["saving"] = False
-            log.info("checkpoint %s", url)
-        dist.barrier()
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer, self.received = checkpointer, False
 
-    terminate = {"flag": False, "saving": False}
-
-    def on_sigterm(*_) -> None:
-        terminate["flag"] = True
-        if terminate["saving"]:  # a checkpoint upload can outlast the grace period: abandon it
+    def __call__(self, *_) -> None:
+        self.received = True
+        if self.checkpointer.saving:
             storage.interrupt()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    max_steps = cfg.MAX_STEPS if cfg.MAX_STEPS > 0 else None
+
+def mean_loss_and_stop(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float, bool]:
+    """The loss averaged over ranks and whether any rank got SIGTERM, in one all-reduce, so
+    that every rank stops after the same step (and all exit 143) wherever the signal arrived."""
+    stats = torch.stack([loss.detach().reshape(()), loss.new_tensor(1.0 if stop else 0.0)])
+    dist.all_reduce_sum(stats)
+    return (stats[0] / world_size).item(), bool(stats[1].item() > 0)
+
+
+def train_one_epoch(
+    t: Training,
+    data,
+    augment,
+    state: TrainState,
+    *,
+    cfg: config.Config,
+    lr_schedule: dict,
+    metrics: MetricsLog,
+    checkpointer: Checkpointer,
+    sigterm: SigtermFlag,
+    world_size: int,
+) -> bool:
+    """Train `state.epoch` from `state.step_in_epoch`, advancing `state`; mid-epoch checkpoints
+    every CHECKPOINT_ITER_FREQUENCY steps. False when MAX_STEPS stopped it before the end."""
+    epoch, first = state.epoch, state.step_in_epoch
+    steps_per_epoch, num_epochs = data.steps_per_epoch, cfg.OPTIMIZER.num_epochs
+    last = int(min(steps_per_epoch, first + state.steps_left(cfg.MAX_STEPS)))
     iter_freq = cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY
-
-    # ============ training ============
-    for epoch in range(start_epoch, num_epochs):
-        model.train()
-        criterion.train()
-        first = start_step if epoch == start_epoch else 0
-        loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
-        criterion.meter.reset()
-        t_log, imgs_log = time.perf_counter(), 0
-        # A progress bar on an interactive terminal (rank 0); pod logs get the periodic lines only.
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=first,
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=not (env.is_main and sys.stderr.isatty()),
+    t.model.train()
+    t.criterion.train()
+    t.criterion.meter.reset()
+    metrics.start_interval()
+    loss_sum, seen, started = 0.0, 0, time.perf_counter()
+    # A progress bar on an interactive terminal (rank 0); pod logs get the periodic lines only.
+    bar = tqdm(
+        total=steps_per_epoch,
+        initial=first,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not (metrics.is_main and sys.stderr.isatty()),
+    )
+    batches = data.batches(epoch, first)
+    if last < steps_per_epoch:  # MAX_STEPS: stop without drawing another batch
+        batches = itertools.islice(batches, last - first)
+    for step, batch in enumerate(batches, start=first):
+        bar.update(1)
+        if augment is not None:
+            batch = augment(batch, epoch)
+        lr = config.lr_at(lr_schedule, epoch + step / steps_per_epoch, num_epochs)
+        loss = train_step(t, batch, lr)
+        state.global_step, state.step_in_epoch = state.global_step + 1, step + 1
+        loss_value, stop = mean_loss_and_stop(loss, sigterm.received, world_size)
+        if not math.isfinite(loss_value):
+            raise DivergedError(
+                f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; lower the LR "
+                "(config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value) or check the data"
+            )
+        loss_sum, seen = loss_sum + loss_value, seen + 1
+        metrics.count_images(len(batch["index"]))
+        if (step + 1) % cfg.LOG_FREQUENCY == 0 or step + 1 == steps_per_epoch:
+            metrics.step(epoch, step + 1, steps_per_epoch, state.global_step, loss_value, lr)
+        if stop:  # before any save: a SIGTERM'd job writes nothing more
+            raise Terminated()
+        if iter_freq > 0 and state.global_step % iter_freq == 0 and step + 1 < steps_per_epoch:
+            checkpointer.save(state)
+    bar.close()
+    if state.step_in_epoch < steps_per_epoch:
+        return False
+    if seen:
+        epoch_loss = loss_sum / seen
+        health = t.criterion.meter.summary(
+            t.criterion.memory.memory, epoch_loss, t.criterion.chance()
         )
-        for step, batch in enumerate(data.batches(epoch, first), start=first):
-            bar.update(1)
-            if augment is not None:
-                batch = augment(batch, epoch)
-            lr = config.lr_at(derived.lr, epoch + step / steps_per_epoch, num_epochs)
-            set_lr(optimizer, lr)
-            index = batch["index"].to(device, non_blocking=True)
-            inputs = {
-                k: precision.place_input(batch[k], cfg.MODEL, device) for k in model.input_keys
-            }
-            with precision.autocast(device, amp_dtype):
-                outputs = ddp_model(inputs)
-            loss = criterion(outputs, index)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
+        metrics.epoch(epoch, state.global_step, epoch_loss, time.perf_counter() - started, health)
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    return True
 
-            # One all-reduce carries the loss and the SIGTERM flag, so that every rank stops
-            # after the same step (and all exit 143) wherever the signal arrived.
-            stats = torch.stack(
-                [loss.detach().reshape(()), loss.new_tensor(1.0 if terminate["flag"] else 0.0)]
-            )
-            dist.all_reduce_sum(stats)
-            loss_value = (stats[0] / env.world_size).item()
-            stop_requested = bool(stats[1].item() > 0)
-            if not math.isfinite(loss_value):
-                raise DivergedError(
-                    f"loss is {loss_value} at epoch {epoch} step {step}: training diverged; lower the LR "
-                    "(config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value) or check the data"
-                )
-            loss_sum += loss_value
-            seen += 1
-            imgs_log += index.shape[0]
-            if (step + 1) % cfg.LOG_FREQUENCY == 0 or step + 1 == steps_per_epoch:
-                dt = time.perf_counter() - t_log
-                record = {
-                    "epoch": epoch,
-                    "step": step + 1,
-                    "global_step": global_step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "images_per_sec_per_rank": imgs_log / dt,
-                    "images_per_sec": imgs_log * env.world_size / dt,
-                }
-                metrics.append(record)
-                log.info(
-                    "epoch %d step %d/%d loss %.4f lr %.5f | %.1f img/s/rank, %.1f img/s",
-                    epoch,
-                    step + 1,
-                    steps_per_epoch,
-                    loss_value,
-                    lr,
-                    record["images_per_sec_per_rank"],
-                    record["images_per_sec"],
-                )
-                t_log, imgs_log = time.perf_counter(), 0
-            if stop_requested:  # before any save: a SIGTERM'd job writes nothing more
-                raise Terminated()
-            stop_now = max_steps is not None and global_step >= max_steps
-            if iter_freq > 0 and global_step % iter_freq == 0 and step + 1 < steps_per_epoch:
-                save(epoch, step + 1)
-            if stop_now:
-                log.info("MAX_STEPS=%d reached", max_steps)
-                save(epoch, step + 1)
-                return {"global_step": global_step, "epoch": epoch}
-        bar.close()
-        if seen:
-            record = {
-                "epoch": epoch,
-                "global_step": global_step,
-                "epoch_loss": loss_sum / seen,
-                "epoch_seconds": time.perf_counter() - t_epoch,
-            }
-            health = criterion.meter.summary(
-                criterion.memory.memory, record["epoch_loss"], criterion.chance()
-            )
-            record["health"] = health
-            metrics.append(record)
-            log.info(
-                "epoch %d done: mean loss %.4f (%.2fx chance) in %.1fs | bank mean cosine %.3f, "
-                "alignment %.3f, uniformity %.3f",
-                epoch,
-                record["epoch_loss"],
-                health["loss_vs_chance"],
-                record["epoch_seconds"],
-                health["bank_mean_cosine"],
-                health["alignment"],
-                health["uniformity"],
-            )
-            warning = collapse_warning(health, epoch) if env.is_main else None
-            if warning:
-                log.warning("epoch %d: %s", epoch, warning)
-        if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or epoch + 1 == num_epochs:
-            save(epoch + 1, 0)
 
+def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return _train(cfg, derived, env)
+    finally:  # callers in the same process (tests, notebooks) get their own handler back
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
+    data = open_data(cfg, env)
+    derived = config.derive(cfg, env.world_size, data.num_samples)  # memory size = dataset length
+    log_plan(data, env, derived)
+    num_epochs = cfg.OPTIMIZER.num_epochs
+    t = build_training(cfg, env, data.num_samples, config.lr_at(derived.lr, 0, num_epochs))
+    state = resume(cfg, env, t)
+    t.step_model = data_parallel(t.model, cfg, env)
+    metrics = MetricsLog.resume(cfg.CHECKPOINT.DIR, state.global_step, env.world_size, env.is_main)
+    checkpointer = Checkpointer(cfg, env, t, metrics, start=state)
+    sigterm = SigtermFlag(checkpointer)
+    signal.signal(signal.SIGTERM, sigterm)
+    augment = device_augmentation(cfg, env.device)
+
+    while state.epoch < num_epochs and state.steps_left(cfg.MAX_STEPS) > 0:
+        completed = train_one_epoch(
+            t,
+            data,
+            augment,
+            state,
+            cfg=cfg,
+            lr_schedule=derived.lr,
+            metrics=metrics,
+            checkpointer=checkpointer,
+            sigterm=sigterm,
+            world_size=env.world_size,
+        )
+        if completed and (
+            state.epoch % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or state.epoch == num_epochs
+        ):
+            checkpointer.save(state)
+    if state.steps_left(cfg.MAX_STEPS) == 0:
+        log.info("MAX_STEPS=%d reached", cfg.MAX_STEPS)
+    checkpointer.save_unless_saved(state)  # MAX_STEPS stopped it between checkpoints
     if env.is_main:
-        export_torchvision(model.state_dict(), root)  # trunk.safetensors + trunk.pt
-        storage.write_bytes(
-            storage.join(root, "train_config.yaml"), config.dump_yaml(cfg, derived).encode()
-        )
-        log.info("done: trunk exported to %s", storage.join(root, "trunk.safetensors"))
-    return {"global_step": global_step, "epoch": num_epochs}
+        export(cfg, derived, t.model)
+    return {"global_step": state.global_step, "epoch": state.epoch}
 
 
-PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer")
+def log_plan(data, env: dist.DistEnv, derived: config.Derived) -> None:
+    log.info(
+        "%d samples, %d rank(s) x batch %d = global batch %d, %d steps/epoch, LR %s",
+        data.num_samples,
+        env.world_size,
+        derived.batch_size_per_rank,
+        derived.global_batch_size,
+        data.steps_per_epoch,
+        derived.lr,
+    )
+    for note in derived.notes:
+        log.info("config: %s", note)
 
 
-def is_peer_failure(exc: BaseException) -> bool:
-    """A collective failed because another rank died or stalled (retryable), not a bug here."""
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    return any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)
+def export(cfg: config.Config, derived: config.Derived, model: nn.Module) -> None:
+    """The run's outputs beside its checkpoints: the trunk for torchvision and the config used."""
+    root = cfg.CHECKPOINT.DIR
+    export_torchvision(model.state_dict(), root)  # trunk.safetensors + trunk.pt
+    storage.write_bytes(
+        storage.join(root, "train_config.yaml"), config.dump_yaml(cfg, derived).encode()
+    )
+    log.info("done: trunk exported to %s", storage.join(root, "trunk.safetensors"))
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -486,47 +407,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ).parse_intermixed_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(args: argparse.Namespace) -> int:
+    cfg, derived = config.load(args.overrides, world_size=args.world_size)
+    if args.dry_run:
+        sys.stdout.write(config.dump_yaml(cfg, derived))
+        return 0
+    dcfg = cfg.DISTRIBUTED
+    env = start(cfg.MACHINE.DEVICE, dcfg.TIMEOUT_SECONDS, dcfg.BACKEND)
+    config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
+    held = None
     try:
-        cfg, derived = config.load(args.overrides, world_size=args.world_size)
-        if args.dry_run:
-            sys.stdout.write(config.dump_yaml(cfg, derived))
-            return 0
-        env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
-        setup_logging(env.rank)
-        config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
-        held = None
         if env.is_main:
             storage.check_writable(cfg.CHECKPOINT.DIR)
             held = lease.acquire(cfg.CHECKPOINT.DIR, "pirl train", "CHECKPOINT.DIR")
         seed_everything(cfg.SEED_VALUE, env.rank)
-        try:
-            train(cfg, derived, env)
-        except (RuntimeError, torch.distributed.DistError) as exc:
-            if env.world_size == 1 or not is_peer_failure(exc):
-                raise
-            # A peer died or a collective timed out: retryable, the restarted job resumes.
-            print(
-                redact(f"pirl train: lost a peer or timed out in a collective: {exc}"),
-                file=sys.stderr,
-            )
-            return EXIT_RETRYABLE
-        finally:
-            if held is not None:
-                held.release()  # not after SIGTERM stopped an upload: the lease then expires
-            storage.clear_interrupt()
-            dist.cleanup()
-        return 0
-    except PirlError as exc:
-        print(redact(f"pirl train: error: {exc}"), file=sys.stderr)
-        return exc.exit_code
-    except Terminated:
-        print(
-            "pirl train: SIGTERM received; stopped without writing (resume picks up the last checkpoint)",
-            file=sys.stderr,
-        )
-        return EXIT_TERMINATED
+        train(cfg, derived, env)
+    finally:
+        if held is not None:
+            held.release()  # not after SIGTERM stopped an upload: the lease then expires
+        storage.clear_interrupt()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("pirl train", lambda: run(args))
 
 
 if __name__ == "__main__":

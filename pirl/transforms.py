@@ -58,19 +58,15 @@ class ImgPilToPatchesAndImage:
         patches = []
         for gx in range(self.grid):  # x outer, y inner, as VISSL
             for gy in range(self.grid):
-                ox = (
-                    gx * self.cell + int(torch.randint(self.jitter + 1, ()).item())
-                    if self.jitter
-                    else gx * self.cell
-                )
-                oy = (
-                    gy * self.cell + int(torch.randint(self.jitter + 1, ()).item())
-                    if self.jitter
-                    else gy * self.cell
-                )
+                ox = gx * self.cell + self._offset()
+                oy = gy * self.cell + self._offset()
                 patches.append(jig.crop((ox, oy, ox + self.patch_size, oy + self.patch_size)))
         order = torch.randperm(len(patches)).tolist()
         return [image] + [patches[i] for i in order]
+
+    def _offset(self) -> int:
+        """A jitter offset, uniform in [0, patch_jitter)."""
+        return int(torch.randint(self.jitter, ()).item()) if self.jitter else 0
 
 
 class ImgPilRandomPhotometric:

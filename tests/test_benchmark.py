@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pirl import dist
 from pirl.benchmark import main
 from pirl.benchmark.config import check, head_names, load
-from pirl.benchmark.features import FeatureExtractor, frozen_violations
+from pirl.benchmark.features import FeatureExtractor, frozen_violations, run_batches
 from pirl.benchmark.heads import build_heads
 from pirl.benchmark.knn import knn_evaluate, knn_votes, topk_correct
 from pirl.benchmark.linear import CachedTrainFeatures, ProtocolError, check_protocol, train_heads
 from pirl.benchmark.report import flat_summary, read_pretraining, text_table
+from pirl.benchmark.run import Context
 from pirl.errors import ConfigError
 from pirl.models import ResNetTrunk
 from pirl.schema import Optimizer
@@ -126,6 +128,21 @@ def tiny_setup():
     pooled, knn = extractor(next(data.batches(0))["data"])
     heads, notes = build_heads(HEADS, [p.shape[1:] for p in pooled], 3, seed=0)
     return trunk, extractor, data, heads, notes, knn
+
+
+def test_use_amp_autocasts_the_frozen_trunk_on_cpu_as_training_does():
+    """MODEL.AMP_PARAMS.USE_AMP means one thing everywhere (pirl.precision): bf16 on CPU too."""
+    trunk, extractor, data, *_ = tiny_setup()
+    cfg, _ = load([DEMO, "config.MODEL.AMP_PARAMS.USE_AMP=true"], world_size=1)
+    env = dist.DistEnv(
+        rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo"
+    )
+    ctx = Context(cfg, None, env, data, None, None, 3, [])  # type: ignore[arg-type]
+    seen = []
+    trunk.conv1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    pooled, _, _ = next(run_batches(extractor, data.eval_batches(), env.device, ctx.amp))
+    assert ctx.amp == torch.bfloat16 and seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in pooled)  # the heads' inputs stay float32
 
 
 def test_heads_are_initialised_as_vissls_benchmark_heads():

@@ -176,7 +176,7 @@ def test_cut_patches_takes_jittered_windows_of_the_cells_in_the_drawn_order():
         [torch.stack([xs, ys, torch.full_like(xs, float(b))]) for b in range(batch)]
     )
     g = torch.Generator().manual_seed(0)
-    offsets = torch.randint(22, (batch, 9, 2), generator=g)
+    offsets = torch.randint(21, (batch, 9, 2), generator=g)  # [0, patch_jitter)
     orders = torch.stack([torch.randperm(9, generator=g) for _ in range(batch)])
 
     patches = crops.cut_patches(jigsaw, offsets, orders)
@@ -193,6 +193,20 @@ def test_cut_patches_takes_jittered_windows_of_the_cells_in_the_drawn_order():
             assert torch.equal(patch[0], (left + span).expand(64, 64))
             assert torch.equal(patch[1], (top + span)[:, None].expand(64, 64))
             assert torch.equal(patch[2], torch.full((64, 64), float(b)))
+
+
+def test_patch_offsets_are_drawn_in_zero_to_jitter_exclusive():
+    """As on the CPU path (VISSL): offsets in [0, patch_jitter), here both 0 and 1, never 2."""
+    source = ImgPilToPatchesAndImage(crop_size_image=8, crop_size_patches=30, patch_jitter=2)
+    crops = PatchesAndImageCrops(source)
+    drawn = []
+    cut = crops.cut_patches
+    crops.cut_patches = lambda jigsaw, offsets, orders: cut(
+        jigsaw, drawn.append(offsets) or offsets, orders
+    )
+    images = [torch.zeros(3, 30, 30, dtype=torch.uint8) for _ in range(20)]
+    crops(images, [torch.Generator().manual_seed(i) for i in range(20)])
+    assert set(torch.cat(drawn).unique().tolist()) == {0, 1}
 
 
 def test_patches_are_contiguous_windows_from_every_cell():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def torchrun(args: list[str], env: dict | None = None, **popen) -> subprocess.Po
     )
 
 
-def local_torchrun(out: str, data: Path, *extra: str) -> subprocess.Popen:
+def local_torchrun(out: str, data: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     port = free_port()
     return torchrun(
         [
@@ -72,7 +73,8 @@ def local_torchrun(out: str, data: Path, *extra: str) -> subprocess.Popen:
             "-m",
             "pirl.train",
             *overrides(out, data, *extra),
-        ]
+        ],
+        env,
     )
 
 
@@ -96,9 +98,16 @@ def assert_replicas_identical(root: str, expected_saves: int) -> None:
         assert len(set(d["model"])) == 1, d
 
 
+# as the warnings module prints one: "path:line: Category: message" (a deprecated torch API we
+# call may be reported at torch's own wrapper, so the path does not say whose call it was)
+DEPRECATION = re.compile(r"\.py:\d+: (FutureWarning|DeprecationWarning): ")
+
+
 def test_torchrun_two_ranks(tmp_path, digits_folder):
-    rc, log = finish(local_torchrun(str(tmp_path), digits_folder))
+    every_warning = subprocess_env(PYTHONWARNINGS="always")
+    rc, log = finish(local_torchrun(str(tmp_path), digits_folder, env=every_warning))
     assert rc == 0, log
+    assert not DEPRECATION.search(log), log  # every warning shown: none about a deprecated API
     assert "50 samples, 2 rank(s) x batch 8 = global batch 16, 4 steps/epoch" in log
     assert_replicas_identical(str(tmp_path), 2)
     _, meta = checkpoint.load_latest(str(tmp_path))

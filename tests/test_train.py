@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from pirl import checkpoint, config
+from pirl import checkpoint, config, storage
+from pirl.errors import EXIT_RETRYABLE, StorageUnavailable
 from pirl.models import build_model
 from pirl.train import main as train_main
 
@@ -176,3 +177,42 @@ def test_an_undecodable_file_on_device_stops_with_a_data_error(tmp_path, digits_
     args = tiny(tmp_path / "run", data, "config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true")
     assert train_main(args) == 3
     assert "could not be decoded" in capsys.readouterr().err
+
+
+def checkpoint_steps(root) -> list[int]:
+    """The global step of every checkpoint record in metrics.jsonl (one per save)."""
+    return [r["global_step"] for r in read_jsonl(root / "metrics.jsonl") if "replica_digests" in r]
+
+
+def test_max_steps_stops_before_a_step_exports_and_saves_once(tmp_path, digits_folder):
+    args = tiny(
+        tmp_path,
+        digits_folder,
+        "config.MAX_STEPS=3",
+        "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+    )
+    assert train_main(args) == 0
+    assert (tmp_path / "trunk.safetensors").exists()
+    assert (tmp_path / "train_config.yaml").exists()
+    assert checkpoint_steps(tmp_path) == [3]  # the iteration save and the limit's: one save
+    assert train_main(args) == 0  # a rerun at the limit trains nothing more
+    _, meta = checkpoint.load_latest(str(tmp_path))
+    assert meta["global_step"] == 3
+    assert checkpoint_steps(tmp_path) == [3]
+
+
+def test_a_store_failing_on_the_metrics_exits_retryably_and_keeps_them(
+    tmp_path, digits_folder, monkeypatch
+):
+    assert train_main(tiny(tmp_path, digits_folder, "config.MAX_STEPS=2")) == 0
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    read_bytes = storage.read_bytes
+
+    def metrics_unavailable(url: str, size_hint: int = 0) -> bytes:
+        if url.endswith("metrics.jsonl"):
+            raise StorageUnavailable(f"reading {url}: the store kept failing")
+        return read_bytes(url, size_hint)
+
+    monkeypatch.setattr(storage, "read_bytes", metrics_unavailable)
+    assert train_main(tiny(tmp_path, digits_folder, "config.MAX_STEPS=4")) == EXIT_RETRYABLE
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before

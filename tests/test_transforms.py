@@ -41,11 +41,30 @@ def test_patches_cover_the_grid_in_a_random_order():
         for patch in views[1:]:
             assert patch.size == (64, 64)
             x, y, _ = patch.getpixel((0, 0))
-            assert x % 85 <= 21 and y % 85 <= 21  # jitter within the cell
+            assert x % 85 < 21 and y % 85 < 21  # jitter within the cell: [0, 21)
             cells.append((x // 85, y // 85))
         assert sorted(cells) == [(gx, gy) for gx in range(3) for gy in range(3)]
         orders.add(tuple(cells))
     assert len(orders) > 1  # the order is drawn anew each time
+
+
+def test_patch_offsets_are_drawn_in_zero_to_jitter_exclusive():
+    """VISSL: offsets uniform in [0, patch_jitter): with jitter 2, both 0 and 1, never 2."""
+    t = ImgPilToPatchesAndImage(
+        crop_scale_image=(1.0, 1.0),
+        crop_size_image=8,
+        crop_scale_patches=(1.0, 1.0),
+        crop_size_patches=30,
+        patch_jitter=2,
+    )
+    t.jigsaw_crop.ratio = (1.0, 1.0)
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(20):
+        for patch in t(coordinate_image(30))[1:]:
+            x, y, _ = patch.getpixel((0, 0))
+            offsets |= {x % 10, y % 10}
+    assert offsets == {0, 1}
 
 
 def test_every_view_gets_its_own_augmentation():

@@ -9,9 +9,8 @@ import sys
 from pirl import dist, storage
 from pirl.benchmark import config
 from pirl.config import override_parser
+from pirl.entry import run_main, start
 from pirl.errors import PirlError
-from pirl.redaction import redact
-from pirl.train import setup_logging
 
 log = logging.getLogger("pirl")
 
@@ -33,41 +32,38 @@ def _hint(overrides: list[str]) -> str:
     return ""
 
 
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg, derived = config.load(args.overrides, world_size=args.world_size)
+    except PirlError as exc:
+        exc.args = (f"{exc}{_hint(args.overrides)}",)
+        raise
+    if args.dry_run:
+        sys.stdout.write(config.dump_yaml(cfg, derived))
+        return 0
+    from pirl.benchmark.report import read_pretraining, text_table, write_reports
+    from pirl.benchmark.run import benchmark
+
+    dcfg = cfg.DISTRIBUTED
+    env = start(cfg.MACHINE.DEVICE, dcfg.TIMEOUT_SECONDS, dcfg.BACKEND)
+    config.derive(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
+    for note in derived.notes:
+        log.info("config: %s", note)
+    if env.is_main:
+        storage.check_writable(cfg.OUTPUT_DIR)
+    metrics = benchmark(cfg, derived, env)
+    if env.is_main:
+        pretraining = read_pretraining(cfg.PRETRAIN_METRICS)
+        urls = write_reports(cfg.OUTPUT_DIR, metrics, pretraining)
+        sys.stdout.write(text_table(metrics))
+        log.info("wrote %s", ", ".join(urls))
+    dist.barrier()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        try:
-            cfg, derived = config.load(args.overrides, world_size=args.world_size)
-        except PirlError as exc:
-            exc.args = (f"{exc}{_hint(args.overrides)}",)
-            raise
-        if args.dry_run:
-            sys.stdout.write(config.dump_yaml(cfg, derived))
-            return 0
-        from pirl.benchmark.report import read_pretraining, text_table, write_reports
-        from pirl.benchmark.run import benchmark
-
-        env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
-        setup_logging(env.rank)
-        config.derive(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
-        for note in derived.notes:
-            log.info("config: %s", note)
-        if env.is_main:
-            storage.check_writable(cfg.OUTPUT_DIR)
-        try:
-            metrics = benchmark(cfg, derived, env)
-            if env.is_main:
-                pretraining = read_pretraining(cfg.PRETRAIN_METRICS)
-                urls = write_reports(cfg.OUTPUT_DIR, metrics, pretraining)
-                sys.stdout.write(text_table(metrics))
-                log.info("wrote %s", ", ".join(urls))
-            dist.barrier()
-        finally:
-            dist.cleanup()
-        return 0
-    except PirlError as exc:
-        print(redact(f"pirl benchmark: error: {exc}"), file=sys.stderr)
-        return exc.exit_code
+    return run_main("pirl benchmark", lambda: run(args))
 
 
 if __name__ == "__main__":

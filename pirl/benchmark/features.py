@@ -8,12 +8,11 @@ no_grad. `frozen_violations` and `state_digest` are the protocol's sanity checks
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from pirl import dist
+from pirl import dist, precision
 from pirl.models import ResNetTrunk
 
 INPUT_KEY = "data"
@@ -67,22 +66,17 @@ class FeatureExtractor(nn.Module):
         return pooled, knn
 
 
-def autocast(device: torch.device, enabled: bool, dtype: str):
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
-
-
 def run_batches(
     extractor: FeatureExtractor,
     batches: Iterable[dict],
     device: torch.device,
-    amp: tuple[bool, str] = (False, "bfloat16"),
+    amp_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
-    """(pooled per head, kNN feature, labels) for each batch, on `device`."""
+    """(pooled per head, kNN feature, labels) for each batch, on `device`; the trunk under
+    autocast in `amp_dtype` (pirl.precision) unless None, the features float32."""
     for batch in batches:
         x = batch[INPUT_KEY].to(device, non_blocking=True)
-        with autocast(device, *amp):
+        with precision.autocast(device, amp_dtype):
             pooled, knn = extractor(x)
         yield pooled, knn, batch["label"].to(device, non_blocking=True)
 
@@ -91,14 +85,14 @@ def extract(
     extractor: FeatureExtractor,
     batches: Iterable[dict],
     device: torch.device,
-    amp: tuple[bool, str] = (False, "bfloat16"),
+    amp_dtype: torch.dtype | None = None,
     keep_pooled: bool = True,
 ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None, torch.Tensor]:
     """Concatenate a whole pass: (pooled per head or None, kNN features or None, labels)."""
     pooled_parts: list[list[torch.Tensor]] = []
     knn_parts: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for pooled, knn, y in run_batches(extractor, batches, device, amp):
+    for pooled, knn, y in run_batches(extractor, batches, device, amp_dtype):
         if keep_pooled:
             pooled_parts.append(pooled)
         if knn is not None:

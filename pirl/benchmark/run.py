@@ -15,12 +15,13 @@ import math
 import platform
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
-from pirl import dist
+from pirl import dist, precision
 from pirl.benchmark.config import BenchDerived, head_names
 from pirl.benchmark.features import FeatureExtractor, extract, freeze, run_batches
 from pirl.benchmark.heads import build_heads
@@ -53,9 +54,10 @@ class Context:
     def cache(self) -> bool:
         return self.cfg.MODEL.FEATURE_EVAL_SETTINGS.CACHE_TRAIN_FEATURES
 
-    @property
-    def amp(self) -> tuple[bool, str]:
-        return self.cfg.MODEL.AMP_PARAMS.USE_AMP, self.cfg.MODEL.AMP_PARAMS.AMP_DTYPE
+    @cached_property
+    def amp(self) -> torch.dtype | None:
+        """The trunk's autocast dtype: MODEL.AMP_PARAMS as in training (pirl.precision)."""
+        return precision.amp_dtype(self.cfg.MODEL.AMP_PARAMS, self.env.device)
 
 
 def open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):

@@ -103,7 +103,9 @@ class BenchmarkModel:
     # linear, VISSL's) or [mlp, {dims}] (linear). The input size (in_channels, dims[0]) follows the
     # pooled feature and dims[-1] the dataset's classes; both are derived at run time.
     HEAD: Head = field(default_factory=_heads)
-    AMP_PARAMS: AmpParams = field(default_factory=AmpParams)  # autocast of the trunk (GPU only)
+    AMP_PARAMS: AmpParams = field(
+        default_factory=AmpParams
+    )  # autocast of the trunk, as in training
     SYNC_BN_CONFIG: SyncBNConfig = field(
         default_factory=lambda: SyncBNConfig(CONVERT_BN_TO_SYNC_BN=True)
     )  # SyncBN in the heads' BN across ranks (GPU only)

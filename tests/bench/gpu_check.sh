@@ -45,7 +45,7 @@ EOF
 
 # images/s per option, alternated in one invocation per batch size (12 loader workers of 16 cores)
 for batch in 32 64; do
-  timeout 240 python3 -m pirl.bench --steps 10 --warmup 3 \
+  timeout 240 python3 -m pirl.tools.throughput --steps 10 --warmup 3 \
     "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=$batch" config.DATA.NUM_DATALOADER_WORKERS=12 \
     --variant "config.MODEL.AMP_PARAMS.USE_AMP=true" \
     --variant "config.MODEL.AMP_PARAMS.USE_AMP=true config.DATA.TRAIN.TRANSFORMS_ON_DEVICE=true" \

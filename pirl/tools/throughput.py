@@ -1,4 +1,4 @@
-"""Training-step benchmark: `pirl bench [overrides] [--steps N] [--warmup W] [--json FILE] [--peer]`.
+"""Training throughput: `pirl throughput [overrides] [--steps N] [--warmup W] [--json FILE]`.
 
 Runs N training steps of a config (default: the seed's PIRL R50 on one process, batch 8 on CPU
 and 32 on GPU, 32,000 negatives) on synthetic images and prints, per step after warm-up, the
@@ -7,19 +7,17 @@ patches and the image, heads, loss + memory, backward, optimizer), peak memory, 
 efficiency against this machine's own limit measured in the same run: counted model FLOPs per
 image x images/s / measured dense-matmul peak (fp32 sgemm on CPU, bf16 on GPU).
 
-`--peer` also runs the reference implementation (../shared/peers/vissl/run.sh, VISSL 0.1.6 on
-its own entry point and config) with the same trunk, batch and negatives, alternating with ours
-for `--rounds` rounds, and prints the ratio of images/s ours/VISSL.
+Each step is the trainer's own `pirl.train.train_step` (LR, forward, loss, backward through the
+loss scaler, optimizer), so what is timed is what training runs. `--variant` runs other
+overrides alternated with the default in every one of `--rounds` rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pirl import config, dist, precision, train
-from pirl.errors import PirlError
+from pirl.entry import run_main
 
 PHASES = [
     "data",
@@ -41,7 +39,6 @@ PHASES = [
     "backward",
     "optimizer",
 ]
-PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "vissl" / "run.sh"
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
@@ -68,12 +65,19 @@ class Timer:
     """Per-phase seconds of one step. Trunk and head calls are timed by forward hooks, so that
     the model still runs through DDP's forward (which arms the gradient all-reduce)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, compiled: bool):
+        self.device, self.compiled = device, compiled
         self.times = {p: 0.0 for p in PHASES}
 
-    @contextmanager
     def phase(self, name: str):
+        """A context timing phase `name`; the forward is timed whole only when compiled (the
+        hooks of `watch` time the trunk and heads otherwise)."""
+        if name == "forward":
+            return self._timed("forward_compiled") if self.compiled else nullcontext()
+        return self._timed(name)
+
+    @contextmanager
+    def _timed(self, name: str):
         sync(self.device)
         start = time.perf_counter()
         yield
@@ -114,9 +118,9 @@ def build(overrides: list[str], env: dist.DistEnv):
     split.SYNTHETIC_NUM_SAMPLES = max(split.SYNTHETIC_NUM_SAMPLES, k + 1)
     data = train.open_data(cfg, env)
     derived = config.derive(cfg, env.world_size, data.num_samples)
-    model, criterion, optimizer = train.build_training(cfg, env, data.num_samples, lr=0.01)
-    criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
-    return cfg, derived, data, model, criterion, optimizer
+    training = train.build_training(cfg, env, data.num_samples, lr=0.01)
+    training.criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
+    return cfg, derived, data, training
 
 
 def count_flops_per_image(model, criterion, batch: dict, model_cfg, device: torch.device) -> float:
@@ -131,7 +135,7 @@ def count_flops_per_image(model, criterion, batch: dict, model_cfg, device: torc
     return counter.get_total_flops() / index.shape[0]
 
 
-def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
+def time_steps(overrides: list[str], steps: int, warmup: int) -> dict:
     """Time `steps` training steps after `warmup`; under torchrun, every rank runs DDP and rank 0's
     figures are returned (images/s counts all ranks)."""
     env = dist.init("auto")
@@ -141,11 +145,12 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
             "config.DISTRIBUTED.NUM_NODES=1",
             f"config.DISTRIBUTED.NUM_PROC_PER_NODE={env.world_size}",
         ]
-    cfg, derived, data, model, criterion, optimizer = build(overrides, env)
+    cfg, derived, data, t = build(overrides, env)
+    model = t.model
     model.train()
-    criterion.train()
+    t.criterion.train()
     batches = data.batches(0)
-    amp_dtype = precision.autocast_dtype(cfg.MODEL, device)
+    amp_dtype = t.amp_dtype
     # The limit: the matmul peak in the dtype the convolutions run in on CPU; bf16 on GPU (whose
     # float32 convolutions run on tensor cores as tf32 anyway).
     compute_dtype = torch.bfloat16 if device.type == "cuda" else (amp_dtype or torch.float32)
@@ -153,11 +158,12 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
     augment = train.device_augmentation(cfg, device)
     first = next(batches)
     first = augment(first, 0) if augment is not None else first
-    flops = count_flops_per_image(model, criterion, first, cfg.MODEL, device)
-    step_model = train.data_parallel(model, cfg, env)
-    timer = Timer(device)
+    flops = count_flops_per_image(model, t.criterion, first, cfg.MODEL, device)
+    t.step_model = train.data_parallel(model, cfg, env)
+    timer = Timer(device, compiled=cfg.MODEL.COMPILE)
     if not cfg.MODEL.COMPILE:  # hooks would break the compiled graph: time the forward whole
         timer.watch(model)
+    lr = config.lr_at(derived.lr, 0, cfg.OPTIMIZER.num_epochs)
     per_step, phases = [], []
     for step in range(warmup + steps):
         timer.times = dict.fromkeys(PHASES, 0.0)
@@ -171,20 +177,7 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
         if augment is not None:
             with timer.phase("augment_on_device"):
                 batch = augment(batch, 0)
-        index = batch["index"].to(device, non_blocking=True)
-        inputs = {k: precision.place_input(batch[k], cfg.MODEL, device) for k in model.input_keys}
-        with (
-            timer.phase("forward_compiled") if cfg.MODEL.COMPILE else nullcontext(),
-            precision.autocast(device, amp_dtype),
-        ):
-            outputs = step_model(inputs)  # trunk and head phases: timed by the hooks
-        with timer.phase("loss_memory"):
-            loss = criterion(outputs, index)
-        with timer.phase("backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with timer.phase("optimizer"):
-            optimizer.step()
+        train.train_step(t, batch, lr, timed=timer.phase)
         sync(device)
         if step >= warmup:
             per_step.append(time.perf_counter() - t0)
@@ -216,28 +209,6 @@ def run_ours(overrides: list[str], steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
-
-
-def run_peer(batch: int, iters: int, num_negatives: int, depth: int) -> dict:
-    """The reference implementation on this machine, through its own script; returns its summary."""
-    if not PEER.exists():
-        raise SystemExit(
-            f"the peer script {PEER} is absent (it lives in the project's shared/ folder)"
-        )
-    out = (
-        Path(os.environ.get("PIRL_PEER_OUT", "/tmp/vissl-peer/results"))
-        / f"bench-{int(time.time())}"
-    )
-    env = dict(
-        os.environ,
-        BATCH=str(batch),
-        ITERS=str(iters),
-        NUM_NEG=str(num_negatives),
-        DEPTH=str(depth),
-        OUT=str(out),
-    )
-    subprocess.run(["bash", str(PEER)], env=env, check=True)
-    return json.loads((out / "summary.json").read_text())
 
 
 def print_table(result: dict) -> None:
@@ -273,8 +244,8 @@ def default_overrides(device_is_gpu: bool) -> list[str]:
     ]
 
 
-def summarise(rounds: list[dict[str, dict]], peer: list[dict]) -> list[dict]:
-    """One row per variant: medians over the rounds, and ours/VISSL from the same rounds."""
+def summarise(rounds: list[dict[str, dict]]) -> list[dict]:
+    """One row per variant: medians over the rounds."""
     rows = []
     for name in rounds[0]:
         runs = [r[name] for r in rounds]
@@ -288,90 +259,75 @@ def summarise(rounds: list[dict[str, dict]], peer: list[dict]) -> list[dict]:
             "matmul_peak_dtype": runs[0]["matmul_peak_dtype"],
             "loss_memory_share": loss / step,
         }
-        if peer:
-            ratios = [
-                r["images_per_sec"] / p["images_per_s"] for r, p in zip(runs, peer, strict=True)
-            ]
-            row["ratio_vs_peer"] = statistics.median(ratios)
-            row["ratios_vs_peer"] = ratios
         rows.append(row)
     return rows
 
 
-def print_summary(rows: list[dict], peer: list[dict], rounds: int) -> None:
+def print_summary(rows: list[dict], rounds: int) -> None:
     print(f"\nsummary over {rounds} round(s), medians:")
     width = max(len(r["variant"]) for r in rows)
-    header = f"{'s/step':>7} {'img/s':>6} {'eff.':>10} {'loss+mem':>8} {'vs VISSL':>8}"
+    header = f"{'s/step':>7} {'img/s':>6} {'eff.':>10} {'loss+mem':>8}"
     print(f"{'variant':<{width}} {header}")
     for r in rows:
         short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["matmul_peak_dtype"]]
         eff = f"{100 * r['efficiency']:.0f}% {short}"
-        ratio = f"{r['ratio_vs_peer']:.2f}x" if "ratio_vs_peer" in r else "-"
         print(
             f"{r['variant']:<{width}} {r['seconds_per_step']:>7.3f} {r['images_per_sec']:>6.2f} "
-            f"{eff:>10} {100 * r['loss_memory_share']:>7.1f}% {ratio:>8}"
+            f"{eff:>10} {100 * r['loss_memory_share']:>7.1f}%"
         )
-    if peer:
-        steps = [p["median_s_per_iter"] for p in peer]
-        print(f"VISSL s/iter per round: {', '.join(f'{x:.3f}' for x in steps)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pirl bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="config overrides (added after the defaults)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", default="", help="also write the results here")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pirl throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="config overrides (added after the defaults)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument(
         "--variant",
         action="append",
         default=[],
         metavar="OVERRIDES",
-        help="also run ours with these space-separated overrides, alternated with the others "
+        help="also run with these space-separated overrides, alternated with the others "
         "in every round (repeatable), e.g. --variant config.MODEL.AMP_PARAMS.USE_AMP=true",
     )
-    parser.add_argument(
-        "--peer", action="store_true", help="alternate with the reference implementation"
-    )
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of alternation")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    rank, _, world = dist.launch_env()
-    if args.peer and world > 1:
-        parser.error("--peer runs on one process: start pirl bench without torchrun for it")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of alternation")
+    return p
+
+
+def variants_of(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]]]:
+    """(the overrides every run takes, {variant name: its extra overrides}); bad overrides fail
+    here, before any run."""
     overrides = default_overrides(torch.cuda.is_available()) + args.overrides
     variants = {"default": []} | {v: v.split() for v in args.variant}
-    try:  # bad overrides fail before any run
-        configs = {name: config.load(overrides + extra, 1)[0] for name, extra in variants.items()}
-    except PirlError as exc:
-        print(f"pirl bench: {exc}", file=sys.stderr)
-        return exc.exit_code
-    rounds, peer = [], []
+    for extra in variants.values():
+        config.load(overrides + extra, 1)
+    return overrides, variants
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides, variants = variants_of(args)
+    rank = dist.launch_env()[0]
+    rounds = []
     for _ in range(args.rounds):
         results = {}
         for name, extra in variants.items():
-            results[name] = run_ours(overrides + extra, args.steps, args.warmup)
+            results[name] = time_steps(overrides + extra, args.steps, args.warmup)
             if rank == 0:
                 print_table(results[name])
         rounds.append(results)
-        if args.peer:
-            first = results["default"]
-            peer.append(
-                run_peer(
-                    first["batch"],
-                    args.steps + args.warmup,
-                    first["num_negatives"],
-                    configs["default"].MODEL.TRUNK.RESNETS.DEPTH,
-                )
-            )
     if rank != 0:
         return 0
-    rows = summarise(rounds, peer)
-    print_summary(rows, peer, len(rounds))
+    rows = summarise(rounds)
+    print_summary(rows, len(rounds))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"summary": rows, "rounds": rounds, "peer": peer}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"summary": rows, "rounds": rounds}, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("pirl throughput", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Scaling model: predict images/s on N nodes x G GPUs from one rank's measured step and the
 measured speed of the collectives a step runs.
 
-    python -m pirl.scaling --step-seconds 0.30 --batch 32 [--bandwidth-gbs 25 --latency-us 30]
-    python -m pirl.scaling --measure     # measure gloo all-reduce bandwidth here
-    python -m pirl.scaling --validate    # predict 2 local ranks from 1, then measure 2 ranks
+    python -m pirl.tools.scaling --step-seconds 0.30 --batch 32 [--bandwidth-gbs 25 --latency-us 30]
+    python -m pirl.tools.scaling --measure     # measure gloo all-reduce bandwidth here
+    python -m pirl.tools.scaling --validate    # predict 2 local ranks from 1, then measure 2 ranks
 
-Per step every rank runs its forward/backward (t_compute, measured by `pirl bench`), then
+Per step every rank runs its forward/backward (t_compute, measured by `pirl throughput`), then
   - a ring all-reduce of the gradients: 2 (W-1)/W x P bytes / bandwidth + 2 (W-1) x latency
     (DDP overlaps it with the backward; the model charges only what exceeds `overlap` x backward),
   - an all-gather of the (embedding, index) pairs for the memory bank: (W-1) x B x (4D + 8) bytes.
@@ -89,8 +89,8 @@ def measure_allreduce(nbytes: int, world: int = 2) -> float:
     return out["seconds"]
 
 
-def bench(ranks: int, steps: int, overrides: list[str], independent: bool = False) -> dict:
-    """`pirl bench` on `ranks` local processes of one thread each (the 2-core machine split in
+def throughput(ranks: int, steps: int, overrides: list[str], independent: bool = False) -> dict:
+    """`pirl throughput` on `ranks` local processes of one thread each (the 2-core machine split in
     two): one DDP job under torchrun, or `independent` single-rank runs side by side (the same
     contention for cores, caches and memory bandwidth, no communication). Returns the result of
     rank 0, or of the slower independent run."""
@@ -100,7 +100,7 @@ def bench(ranks: int, steps: int, overrides: list[str], independent: bool = Fals
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"bench{i}.json") for i in range(ranks if independent else 1)]
-        args = ["-m", "pirl.bench", "--steps", str(steps), *overrides]
+        args = ["-m", "pirl.tools.throughput", "--steps", str(steps), *overrides]
         if independent:
             cmds = [[sys.executable, *args, "--json", out] for out in outs]
         else:
@@ -109,7 +109,9 @@ def bench(ranks: int, steps: int, overrides: list[str], independent: bool = Fals
         procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
         for proc, cmd in zip(procs, cmds, strict=True):
             if proc.wait() != 0:
-                raise SystemExit(f"pirl bench failed (exit {proc.returncode}): {' '.join(cmd)}")
+                raise SystemExit(
+                    f"pirl throughput failed (exit {proc.returncode}): {' '.join(cmd)}"
+                )
         results = []
         for out in outs:
             with open(out) as f:
@@ -124,12 +126,12 @@ def validate(steps: int, overrides: list[str]) -> dict:
     machine's sharing costs (on this CPU both ranks share cores' clocks, caches and memory
     bandwidth; GPUs in a node do not), so the second prediction tests the communication model
     alone. Gloo's all-reduce runs on the same cores as the compute, so no overlap is assumed."""
-    alone = bench(1, steps, overrides)
-    side_by_side = bench(2, steps, overrides, independent=True)
+    alone = throughput(1, steps, overrides)
+    side_by_side = throughput(2, steps, overrides, independent=True)
     nbytes = 4 * alone["parameters"]
     seconds = measure_allreduce(nbytes)
     bandwidth = nbytes / seconds  # bus bandwidth of a 2-rank ring: 2 (W-1)/W = 1
-    ddp = bench(2, steps, overrides)
+    ddp = throughput(2, steps, overrides)
     out = {
         "allreduce_seconds": seconds,
         "measured_images_per_sec": ddp["images_per_sec"],
@@ -156,9 +158,11 @@ def validate(steps: int, overrides: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pirl.scaling", description=__doc__.split("\n\n")[0]
+        prog="python -m pirl.tools.scaling", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--step-seconds", type=float, help="one rank's step (pirl bench median)")
+    parser.add_argument(
+        "--step-seconds", type=float, help="one rank's step (pirl throughput median)"
+    )
     parser.add_argument(
         "--backward-seconds",
         type=float,
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--validate",
         action="store_true",
-        help="predict 2 local ranks (1 thread each) from a 1-rank pirl bench, then measure them",
+        help="predict 2 local ranks (1 thread each) from a 1-rank pirl throughput, then measure them",
     )
     parser.add_argument("--steps", type=int, default=5, help="--validate: steps per bench run")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.bandwidth_gbs = bus / 1e9
     if args.step_seconds is None:
-        parser.error("--step-seconds is required (measure it with `pirl bench`)")
+        parser.error("--step-seconds is required (measure it with `pirl throughput`)")
     backward = (
         args.backward_seconds if args.backward_seconds is not None else 2 * args.step_seconds / 3
     )

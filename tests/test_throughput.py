@@ -1,5 +1,5 @@
-"""The benchmark harness and the scaling check run and report every figure (smoke tests: no
-timing is asserted)."""
+"""The throughput tool and the scaling check run and report every figure (smoke tests: no
+timing is asserted); the tool times the trainer's own step."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 
 import pytest
 
-from pirl import scaling
-from pirl.bench import PHASES, main
+from pirl import train
+from pirl.cli import main as pirl_main
+from pirl.tools import scaling
+from pirl.tools.throughput import PHASES, main
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,7 @@ TINY = [
 ]
 
 
-def test_bench_reports_phases_flops_and_efficiency_per_variant(tmp_path):
+def test_throughput_reports_phases_flops_and_efficiency_per_variant(tmp_path):
     out = tmp_path / "bench.json"
     bf16 = "config.MODEL.AMP_PARAMS.USE_AMP=true"
     rc = main([*TINY, "--steps=2", "--warmup=1", f"--json={out}", f"--variant={bf16}"])
@@ -40,7 +42,7 @@ def test_bench_reports_phases_flops_and_efficiency_per_variant(tmp_path):
     assert amp["autocast"] == "bfloat16" and amp["matmul_peak_dtype"] == "bfloat16"
 
 
-def test_bench_rejects_a_bad_variant_before_running(capsys):
+def test_throughput_rejects_a_bad_variant_before_running(capsys):
     assert main([*TINY, "--variant=config.MODEL.NO_SUCH_KEY=1"]) == 2
     assert "unknown config key 'config.MODEL.NO_SUCH_KEY'" in capsys.readouterr().err
 
@@ -52,3 +54,17 @@ def test_scaling_validation_predicts_two_ranks_from_one():
         assert v[name]["predicted_images_per_sec"] > 0
         # the error is reported, not bounded: other load on a shared machine moves it freely
         assert math.isfinite(v[name]["error"])
+
+
+def test_throughput_times_the_trainers_own_step(monkeypatch, tmp_path, capsys):
+    calls = []
+    real = train.train_step
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("timed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counted)
+    assert pirl_main(["bench", *TINY, "--steps=2", "--warmup=1"]) == 0  # the deprecated name
+    assert len(calls) == 3 and all(timed is not None for timed in calls)
+    assert "'bench' is deprecated; use 'throughput'" in capsys.readouterr().err
