@@ -137,7 +137,7 @@ def load_network(url: str, want_head: bool) -> tuple[ResNetTrunk, nn.Module | No
                 f"--layers heads needs a training checkpoint (model + config), got {resolved}"
             )
         cfg = config.build(yaml.safe_load(obj["config"])["config"])
-        config.derive(cfg)
+        cfg, _ = config.derive(cfg)
         model = build_model(cfg)
         model.load_state_dict(obj["model"])
         head = model.heads[image_head_index(cfg.MODEL.HEAD.PARAMS)]

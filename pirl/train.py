@@ -200,7 +200,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     device = env.device
     # ============ data ============
     data = open_data(cfg, env)
-    derived = config.derive(cfg, env.world_size, data.num_samples)  # memory size = dataset length
+    cfg, derived = config.fit_dataset(cfg, derived, data.num_samples)  # memory = dataset size
     steps_per_epoch = data.steps_per_epoch
     num_epochs = cfg.OPTIMIZER.num_epochs
     log.info(
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
         setup_logging(env.rank)
-        config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
+        config.check_world_size(cfg, env.world_size)
         held = None
         if env.is_main:
             storage.check_writable(cfg.CHECKPOINT.DIR)

@@ -8,7 +8,7 @@ import sys
 
 from pirl import dist, storage
 from pirl.benchmark import config
-from pirl.config import override_parser
+from pirl.config import check_world_size, override_parser
 from pirl.errors import PirlError
 from pirl.redaction import redact
 from pirl.train import setup_logging
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         env = dist.init(cfg.MACHINE.DEVICE, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
         setup_logging(env.rank)
-        config.derive(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
+        check_world_size(cfg, env.world_size)
         for note in derived.notes:
             log.info("config: %s", note)
         if env.is_main:

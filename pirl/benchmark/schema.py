@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pirl.fields import require, setting
 from pirl.schema import (
     AmpParams,
     AutoLRScaling,
@@ -26,6 +27,7 @@ from pirl.schema import (
     Trunk,
 )
 
+FEATURES = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -64,7 +66,8 @@ class WeightsInit:
     # either layout (classy_state_dict -> base_model -> model -> trunk, or the converted models'
     # top-level model_state_dict; `_feature_blocks.` keys), with no conversion step.
     PARAMS_FILE: str = ""
-    STATE_DICT_KEY_NAME: str = "classy_state_dict"  # VISSL's; the format is detected, not read
+    # VISSL's; the format is detected, not read
+    STATE_DICT_KEY_NAME: str = setting("classy_state_dict", vissl_only=True)
 
 
 def _pool_ops() -> list[Any]:
@@ -83,6 +86,13 @@ class FeatureEvalSettings:
     # heads on those features every epoch. For small sets with deterministic transforms (the
     # demo); the §4.2 protocol (false) runs the trunk on freshly augmented crops every epoch.
     CACHE_TRAIN_FEATURES: bool = False
+
+    def check(self, path: str) -> None:
+        require(
+            self.EVAL_MODE_ON and self.FREEZE_TRUNK_ONLY,
+            f"{path}.EVAL_MODE_ON and FREEZE_TRUNK_ONLY must be true: the benchmark evaluates a "
+            "frozen trunk (fine-tuning is not supported)",
+        )
 
 
 def _heads() -> Head:
@@ -136,20 +146,28 @@ def _optimizer() -> Optimizer:
 class Knn:  # ours: weighted kNN on L2-normalised features (NPID, Wu et al. 2018)
     ENABLED: bool = True
     K: list[int] = field(default_factory=lambda: [20, 200])
-    TEMPERATURE: float = 0.07  # votes weighted by exp(cosine / T)
-    FEATURE: str = "res5avg"  # conv1 | res2 | res3 | res4 | res5 | res5avg (flattened)
+    TEMPERATURE: float = setting(0.07, gt=0)  # votes weighted by exp(cosine / T)
+    FEATURE: str = setting("res5avg", choices=FEATURES)  # res5avg and the others flattened
+
+    def check(self, path: str) -> None:
+        require(
+            len(self.K) >= 1 and all(isinstance(v, int) and v >= 1 for v in self.K),
+            f"{path}.K must be a non-empty list of positive integers, got {self.K}",
+        )
 
 
 @dataclass
 class LowShot:  # ours: VISSL's 1% / 10% benchmarks as a seeded per-class fraction (lowshot.py)
-    FRACTION: float = 1.0  # of each class of the train split kept for the heads and kNN bank
+    FRACTION: float = setting(
+        1.0, gt=0, le=1
+    )  # of each class of the train split kept for the heads and kNN bank
     SEED: int = 0  # which images: the same for a given (SEED, class) on every rank and run
 
 
 @dataclass
 class BenchmarkConfig:
-    VERBOSE: bool = False
-    LOG_FREQUENCY: int = 100  # steps between log lines of the linear training
+    VERBOSE: bool = setting(False, vissl_only=True)
+    LOG_FREQUENCY: int = setting(100, ge=1)  # steps between log lines of the linear training
     SEED_VALUE: int = 0
     MACHINE: Machine = field(default_factory=Machine)
     DATA: Data = field(default_factory=_data)
