@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
+from pirl.data import IndexedTrainData, TrainSource
 from pirl.errors import ConfigError
 
 
@@ -35,8 +36,8 @@ def per_class_subset(labels: Sequence[int], fraction: float, seed: int) -> list[
 
 def sample_labels(images) -> list[int]:
     """Every sample's label without reading an image (folder, file list, synthetic)."""
-    from pirl.data import FolderImages, SyntheticImages
     from pirl.data.filelist import FileListImages
+    from pirl.data.folder import FolderImages, SyntheticImages
 
     if isinstance(images, FolderImages):
         return [label for _, label in images.folder.samples]
@@ -72,9 +73,9 @@ class SubsetSamples(Dataset):
         return self.base[self.chosen[j]]
 
 
-def low_shot(data, fraction: float, seed: int, source: str):
+def low_shot(data: TrainSource, fraction: float, seed: int, source: str) -> TrainSource:
     """`data` (pirl.data's training contract) restricted to the low-shot subset."""
-    if not hasattr(data, "samples"):
+    if not isinstance(data, IndexedTrainData):
         raise ConfigError(
             f"config.LOW_SHOT.FRACTION={fraction} needs each train sample's label before "
             f"reading it, which DATA_SOURCES=[{source}] does not give: use disk_folder or "

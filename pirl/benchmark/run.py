@@ -28,7 +28,7 @@ from pirl.benchmark.knn import knn_evaluate, topk_correct
 from pirl.benchmark.linear import CachedTrainFeatures, ProtocolError, train_heads
 from pirl.benchmark.lowshot import low_shot
 from pirl.benchmark.schema import BenchmarkConfig
-from pirl.data import open_train_data
+from pirl.data import TrainSource, open_train_data
 from pirl.errors import ConfigError, DataError
 from pirl.models import ResNetTrunk
 from pirl.schema import DataSplit
@@ -43,9 +43,9 @@ class Context:
     cfg: BenchmarkConfig
     derived: BenchDerived
     env: dist.DistEnv
-    train: Any  # the training data contract of pirl.data (batches, eval_batches, ...)
-    val: Any
-    knn_train: Any  # train split with the TEST transforms (None: kNN off, or the cache serves)
+    train: TrainSource
+    val: TrainSource
+    knn_train: TrainSource | None  # the train split, TEST transforms (None: no kNN, or cached)
     num_classes: int
     names: list[str]
 
@@ -58,14 +58,18 @@ class Context:
         return self.cfg.MODEL.AMP_PARAMS.USE_AMP, self.cfg.MODEL.AMP_PARAMS.AMP_DTYPE
 
 
-def open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):
+def open_split(
+    cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list
+) -> TrainSource:
     data = _open_split(cfg, split, env, transforms)
     if split is cfg.DATA.TRAIN and cfg.LOW_SHOT.FRACTION < 1:
         data = low_shot(data, cfg.LOW_SHOT.FRACTION, cfg.LOW_SHOT.SEED, split.DATA_SOURCES[0])
     return data
 
 
-def _open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):
+def _open_split(
+    cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list
+) -> TrainSource:
     return open_train_data(
         split,
         build_transform(transforms),
