@@ -353,4 +353,3 @@ def test_shards_and_folders_split_the_same_way_over_ranks(dataset, world, batch)
         assert len(got) == shards.steps_per_epoch == folder.steps_per_epoch
         assert sum(len(b) for b in got) == per_rank
         assert len(got[-1]) != 1
-
