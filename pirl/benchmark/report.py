@@ -176,9 +176,9 @@ def _health_lines(health: dict | None) -> list[str]:
 
 
 def plot_png(metrics: dict, pretraining: Pretraining) -> bytes:
-    import matplotlib
+    from pirl.extras import need
 
-    matplotlib.use("Agg")
+    need("matplotlib", "report", "the benchmark's report.png").use("Agg")
     from matplotlib import pyplot as plt
 
     fig, (ax_loss, ax_health, ax_acc) = plt.subplots(1, 3, figsize=(17, 4.5))

@@ -18,9 +18,9 @@ from PIL import Image
 
 def write_digits_folder(root: str, size: int = 64, val_every: int = 6) -> tuple[str, str]:
     """Write the digits as ImageFolder trees; returns (train_dir, val_dir). Idempotent."""
-    from sklearn.datasets import load_digits
+    from pirl.extras import need
 
-    digits = load_digits()
+    digits = need("sklearn.datasets", "demo", "the digits demo set").load_digits()
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         split_dir = val_dir if i % val_every == val_every - 1 else train_dir
