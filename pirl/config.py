@@ -83,6 +83,7 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
     finally:
         GlobalHydra.instance().clear()
     data = OmegaConf.to_container(composed, resolve=True)
+    assert isinstance(data, dict)  # a composed config is a mapping
     extra = sorted(set(data) - {"config"})
     if extra:
         raise ConfigError(
@@ -205,7 +206,7 @@ def _build_dataclass(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path)
     if tp is Any:
         return value
@@ -257,7 +258,7 @@ def check_heads(cfg: Config) -> None:
     for i, head in enumerate(heads):
         hp = f"config.MODEL.HEAD.PARAMS[{i}]"
         require(
-            isinstance(head, list) and head,
+            isinstance(head, list) and len(head) > 0,
             f"{hp} must be [name, {{kwargs}}] or a non-empty list of them",
         )
         single = isinstance(head[0], str)

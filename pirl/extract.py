@@ -173,6 +173,7 @@ class LayerFeatures(nn.Module):
             if name == "res5avg":
                 out[name] = flat
             elif name == "heads":
+                assert self.head is not None, "--layers heads loads the head with the trunk"
                 out[name] = self.head(flat)
             else:
                 out[name] = self.pool(maps[name])
@@ -349,7 +350,7 @@ def extract(args: argparse.Namespace, env: dist.DistEnv) -> dict:
     per_rank = gather_objects(
         {"files": writer.files, "count": writer.count, "shapes": writer.shapes}
     )
-    shapes = next((r["shapes"] for r in per_rank if r["shapes"]), {})
+    shapes: dict = next((r["shapes"] for r in per_rank if r["shapes"]), {})
     manifest = {
         "split": args.split,
         "layers": args.layers,

@@ -36,6 +36,8 @@ def nce_loss(scores: torch.Tensor, z: torch.Tensor, num_samples: int) -> torch.T
 
 
 class NCELossWithMemory(nn.Module):
+    z: torch.Tensor  # a registered buffer: the NCE normalisation constant Z
+
     def __init__(
         self, cfg: NceLossWithMemory, num_train_samples: int, seed: int = 0, rank: int = 0
     ):

@@ -30,6 +30,8 @@ CHUNK_ROWS = 8192  # rows gathered at a time by `scores`: 4 MB at D=128 float32,
 
 
 class MemoryBank(nn.Module):
+    memory: torch.Tensor  # a registered buffer (saved with the state dict)
+
     def __init__(
         self,
         size: int,
@@ -51,7 +53,8 @@ class MemoryBank(nn.Module):
         self.register_buffer("memory", memory.to(DTYPES[dtype]))
         # Rows overwritten since the current step began, kept only once `scores` has run in the
         # step (a backward pass may need them): [(version, indices, old rows)].
-        self.version, self._undo_from, self._undo, self._scored = 0, 0, [], False
+        self._undo: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.version, self._undo_from, self._scored = 0, 0, False
 
     def begin_step(self) -> None:
         """Forget the rows kept for backward passes of the previous step (call once per step)."""

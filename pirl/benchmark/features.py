@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -16,10 +17,12 @@ from torch import nn
 from pirl import dist
 from pirl.models import ResNetTrunk
 
+M = TypeVar("M", bound=nn.Module)
+
 INPUT_KEY = "data"
 
 
-def freeze(trunk: nn.Module) -> nn.Module:
+def freeze(trunk: M) -> M:
     trunk.eval()
     for p in trunk.parameters():
         p.requires_grad_(False)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
-from pirl.data import IndexedTrainData, TrainSource
+from pirl.data import AugmentedSamples, IndexedTrainData, TrainSource
+from pirl.data.folder import ImageSource
 from pirl.errors import ConfigError
 
 
@@ -55,7 +56,7 @@ class SubsetSamples(Dataset):
         self.base, self.chosen = samples, chosen
 
     @property
-    def images(self):
+    def images(self) -> ImageSource:
         return self.base.images
 
     @property
@@ -82,6 +83,7 @@ def low_shot(data: TrainSource, fraction: float, seed: int, source: str) -> Trai
             "disk_filelist, or make the subset a dataset of its own with `pirl prep` from a list "
             "file of the chosen images"
         )
+    assert isinstance(data.samples, AugmentedSamples)  # not already a subset
     n = len(data.samples)
     every = sample_labels(data.samples.images)
     labels = [every[j] for j in data.samples.chosen]  # DATA_LIMIT's subset, in sample order

@@ -191,6 +191,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
             pooled = [torch.empty(0, *s, device=device) for s in shapes]
         if ctx.knn_train is None and cfg.KNN.ENABLED:
             knn_bank = (knn_feats, labels)
+        assert pooled is not None  # extract keeps the pooled features unless told not to
         cached = CachedTrainFeatures(
             pooled,
             labels,
@@ -221,6 +222,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
     )
     if cfg.KNN.ENABLED and knn_bank is None:
         log.info("[%s] extracting the kNN bank (train split, TEST transforms)", label)
+        assert ctx.knn_train is not None  # open_data opens it unless the cache serves the bank
         _, knn_feats, labels = extract(
             extractor, ctx.knn_train.eval_batches(), device, ctx.amp, keep_pooled=False
         )
@@ -244,6 +246,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
     result: dict[str, Any] = {"linear": linear, "best_head": best, "linear_train": history}
 
     if cfg.KNN.ENABLED:
+        assert knn_bank is not None
         bank, bank_labels = knn_bank
         empty = torch.empty(0, knn_dim, device=device)
         q = torch.cat(queries) if queries else empty

@@ -51,11 +51,12 @@ def _test_transforms() -> list[Any]:
 
 
 def _data() -> Data:
-    common = {"BATCHSIZE_PER_REPLICA": 32, "LABEL_TYPE": "standard"}
-    return Data(
-        TRAIN=DataSplit(SPLIT="train", TRANSFORMS=_train_transforms(), **common),
-        TEST=DataSplit(SPLIT="val", TRANSFORMS=_test_transforms(), **common),
-    )
+    def split(name: str, transforms: list[Any]) -> DataSplit:
+        return DataSplit(
+            SPLIT=name, TRANSFORMS=transforms, BATCHSIZE_PER_REPLICA=32, LABEL_TYPE="standard"
+        )
+
+    return Data(TRAIN=split("train", _train_transforms()), TEST=split("val", _test_transforms()))
 
 
 @dataclass

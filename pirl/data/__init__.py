@@ -86,7 +86,7 @@ class TrainSource(Protocol):
 
 def open_train_data(
     split: DataSplit,
-    transform: Callable,
+    transform: Callable | None,
     collate: Callable,
     *,
     rank: int,

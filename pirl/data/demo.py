@@ -29,7 +29,7 @@ def write_digits_folder(root: str, size: int = 64, val_every: int = 6) -> tuple[
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         grey = Image.fromarray((np.asarray(img) * (255.0 / 16.0)).astype(np.uint8), mode="L")
-        grey.resize((size, size), Image.BICUBIC).convert("RGB").save(path)
+        grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB").save(path)
     return train_dir, val_dir
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,6 +20,31 @@ from pirl.data.clean import BadImage, check_pixels
 from pirl.data.seeding import seeded_transform
 from pirl.errors import DataError
 from pirl.schema import DataSplit
+
+
+class ImageSource(Protocol):
+    """A map-style image source: (PIL image, label) by index, or the image undecoded."""
+
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]: ...
+
+    def encoded(self, i: int) -> tuple[torch.Tensor, int]: ...
+
+
+class Samples(Protocol):
+    """What IndexedTrainData loads from: (views, sample index, label) by sample index."""
+
+    epoch: int  # set before each epoch: the augmentation is seeded by (seed, epoch, index)
+
+    @property
+    def images(self) -> ImageSource: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple: ...
 
 
 class SyntheticImages(Dataset):
@@ -95,17 +121,21 @@ class AugmentedSamples(Dataset):
 
     def __init__(
         self,
-        images: Dataset,
+        images: ImageSource,
         transform: Callable | None,
         seed: int,
         limit: int = -1,
         encoded: bool = False,
         limit_seed: int = 0,
     ):
-        self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+        self._images, self.transform, self.seed, self.epoch = images, transform, seed, 0
         self.chosen = limited_subset(len(images), limit, limit_seed)
         self.n = len(self.chosen)
         self.encoded = encoded
+
+    @property
+    def images(self) -> ImageSource:
+        return self._images
 
     def __len__(self) -> int:
         return self.n
@@ -116,6 +146,7 @@ class AugmentedSamples(Dataset):
             data, label = self.images.encoded(self.chosen[i])
             return data, i, label
         image, label = self.images[self.chosen[i]]
+        assert self.transform is not None, "a transform is needed unless the samples are encoded"
         return seeded_transform(self.transform, image, self.seed, self.epoch, i), i, label
 
 
@@ -132,7 +163,7 @@ def limited_subset(total: int, limit: int, seed: int) -> list[int]:
 class IndexedTrainData:
     """A map-style source split over ranks: the `pirl.data.TrainSource` contract."""
 
-    samples: AugmentedSamples
+    samples: Samples
     rank: int
     world: int
     batch_size: int
@@ -172,8 +203,8 @@ class IndexedTrainData:
     def _loader(self, indices: list[int]) -> Iterator[dict]:
         if not indices:
             return iter(())
-        loader = DataLoader(
-            self.samples,
+        loader: DataLoader = DataLoader(
+            self.samples,  # type: ignore[arg-type]  # a map-style dataset (Samples)
             batch_size=self.batch_size,
             sampler=indices,
             num_workers=self.num_workers,
@@ -186,7 +217,7 @@ class IndexedTrainData:
         return iter(loader)
 
 
-def open_images(split: DataSplit) -> Dataset:
+def open_images(split: DataSplit) -> ImageSource:
     """A map-style image source (disk_folder, disk_filelist or synthetic); raises DataError when
     unusable."""
     source = split.DATA_SOURCES[0]
@@ -196,16 +227,16 @@ def open_images(split: DataSplit) -> Dataset:
     if source == "disk_filelist":
         from pirl.data.filelist import FileListImages
 
-        images = FileListImages(
+        listed = FileListImages(
             path,
             split.LABEL_PATHS[0] if split.LABEL_PATHS else "",
             mmap=split.MMAP_MODE,
             remove_prefix=split.REMOVE_IMG_PATH_PREFIX,
             new_prefix=split.NEW_IMG_PATH_PREFIX,
         )
-        if len(images) == 0:
+        if len(listed) == 0:
             raise DataError(f"the image list {path!r} is empty")
-        return images
+        return listed
     images = FolderImages(path)
     if len(images) == 0:
         raise DataError(f"the image folder {path!r} has no images")

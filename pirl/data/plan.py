@@ -114,7 +114,8 @@ def interleave(lengths: list[int], width: int) -> list[tuple[int, int]]:
     """Round-robin over up to `width` open pieces; a finished piece is replaced by the next one.
     Returns (piece number, ordinal within the piece) in reading order."""
     out: list[tuple[int, int]] = []
-    nxt, active = 0, []  # active: [piece, ordinal]
+    nxt = 0
+    active: list[list[int]] = []  # [piece, ordinal]
     while nxt < len(lengths) or active:
         while len(active) < max(1, width) and nxt < len(lengths):
             if lengths[nxt] > 0:

@@ -51,7 +51,7 @@ class _Reader:
 
     root: str
     shards: list[mf.Shard]
-    transform: Callable
+    transform: Callable | None  # None: `encoded` samples
     collate: Callable
     seed: int
     max_bad_fraction: float
@@ -113,6 +113,7 @@ class _Reader:
                 image = img.convert("RGB")
         except Exception:
             return None
+        assert self.transform is not None, "a transform is needed unless the samples are encoded"
         return (
             seeded_transform(self.transform, image, self.seed, epoch, rec.index),
             rec.index,
@@ -187,7 +188,7 @@ class _PieceReader:
 
     def __init__(self, stream: ShardStream, shard: mf.Shard, root: str):
         self.stream, self.shard, self.root = stream, shard, root
-        self.items = unpack(stream)
+        self.items = unpack(stream)  # type: ignore[arg-type]  # file-like: what tarfile reads
         self.pending: tuple[int, Record | None] | None = None
         self.last_offset = -1
 
@@ -198,6 +199,7 @@ class _PieceReader:
                 return None  # the shard ended early
             if isinstance(item, Damaged) and item.index is None:
                 continue  # the gap it leaves is found from the next sample's index
+            assert item.index is not None
             o = item.index - self.shard.first_index
             if not 0 <= o < self.shard.num_samples or o <= self.last_offset:
                 raise DataError(
@@ -288,7 +290,7 @@ class ShardTrainData:
         url: str,
         *,
         split: str = "train",
-        transform: Callable,
+        transform: Callable | None,
         collate: Callable,
         rank: int = 0,
         world: int = 1,
