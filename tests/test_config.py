@@ -122,7 +122,8 @@ def test_seed_wide_mlp_heads(capsys, width):
     d = 2048 * width
     patch, image = out["config"]["MODEL"]["HEAD"]["PARAMS"]
     assert patch[0][1]["dims"] == [d, d, 128] and patch[0][1]["use_relu"] is True
-    # What VISSL really trained: its YAML drops use_relu for the image head (spec §1.2).
+    # What VISSL really trained: its YAML drops use_relu for the image head
+    # (docs/vissl-notes.md#mlp-heads).
     assert image == [["mlp", {"dims": [d, d, 128]}]]
     assert out["config"]["MODEL"]["AMP_PARAMS"]["USE_AMP"] is True
     assert out["config"]["OPTIMIZER"]["num_epochs"] == 400

@@ -1,9 +1,10 @@
 """The benchmark's typed config: VISSL's linear-eval keys, plus a few of ours (marked "ours").
 
 Shared blocks come from `pirl.schema` (DATA, MODEL.TRUNK, OPTIMIZER, DISTRIBUTED, MACHINE), so a
-key means the same in `pirl train` and `pirl benchmark`. The defaults are the §4.2 protocol
-(ImageNet-1K linear eval of a ResNet-50: 28 epochs, multistep LR, nesterov, wd 5e-4, res5 and
-res5avg heads); the presets under `configs/config/benchmark/` set the rest.
+key means the same in `pirl train` and `pirl benchmark`. The defaults are VISSL's linear-eval
+protocol (docs/vissl-notes.md#linear-evaluation-protocol; ImageNet-1K linear eval of a ResNet-50:
+28 epochs, multistep LR, nesterov, wd 5e-4, res5 and res5avg heads); the presets under
+`configs/config/benchmark/` set the rest.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class FeatureEvalSettings:
     LINEAR_EVAL_FEAT_POOL_OPS_MAP: list[Any] = field(default_factory=_pool_ops)
     # ours: run the trunk over the train split once (with DATA.TRAIN.TRANSFORMS) and train the
     # heads on those features every epoch. For small sets with deterministic transforms (the
-    # demo); the §4.2 protocol (false) runs the trunk on freshly augmented crops every epoch.
+    # demo); VISSL's protocol (false) runs the trunk on freshly augmented crops every epoch.
     CACHE_TRAIN_FEATURES: bool = False
 
     def check(self, path: str) -> None:
