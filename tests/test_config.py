@@ -482,15 +482,24 @@ def test_derive_is_pure_and_its_notes_survive_the_dataset_step():
     assert derived.notes and set(derived.notes) <= set(fitted_derived.notes)
 
 
-def test_head_input_notes_reach_the_training_log(tmp_path, digits_folder, capsys):
+def test_head_input_notes_reach_the_training_log(tmp_path, digits_folder, capsys, monkeypatch):
     """The derived record load() makes is the one training logs (it used to be re-derived from
-    the already rewritten config, so the rewrite notes were lost)."""
+    the already rewritten config, so the rewrite notes were lost); a run derives once."""
     from .test_train import tiny
 
+    calls = []
+    for name in ("derive", "fit_dataset"):
+        real = getattr(config, name)
+        monkeypatch.setattr(
+            config,
+            name,
+            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k),
+        )
     args = tiny(tmp_path, digits_folder, "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=2")
     args += ["config.OPTIMIZER.num_epochs=1", "config.MAX_STEPS=1"]
     assert train_main(args) == 0
     assert "input 512 -> 1024 (follows the trunk output)" in capsys.readouterr().out
+    assert calls == ["derive", "fit_dataset"]
 
 
 def test_the_launchers_environment_is_read_by_dist_alone(monkeypatch):
