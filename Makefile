@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -54,4 +55,4 @@ lock:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs local_outputs
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache runs local_outputs

@@ -4,17 +4,18 @@ The command line is VISSL's: `config=pretrain/pirl/pirl_jigsaw_4node_resnet50` p
 `+config/pretrain/pirl/models=resnet50_mlphead` appends a group file (merged after the preset,
 lists replaced whole), and `config.LOSS.nce_loss_with_memory.temperature=0.05` overrides a value
 (applied last, so it wins). Every derived value (world size, global batch, the scaled LR
-schedule, head input sizes, the memory size) is computed in `derive`, and nowhere else.
+schedule, head input sizes) is computed in `derive`, the dataset's (the memory size) in
+`fit_dataset`, and nowhere else; both return copies and leave their input as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import logging
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,32 +25,22 @@ from typing import Any
 import yaml
 
 from pirl.errors import ConfigError
+from pirl.fields import check_tree, one_of, require, vissl_only_values
 from pirl.redaction import redact
-from pirl.schema import Config
+from pirl.schema import TRUNK_DEPTHS, WIDTH_MULTIPLIERS, Config, DataSplit
+
+__all__ = ["TRUNK_DEPTHS", "WIDTH_MULTIPLIERS"]  # the schema's, re-exported for their readers
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("pirl")
 
-TRUNK_DEPTHS = {
-    18: "basic",
-    34: "basic",
-    50: "bottleneck",
-    101: "bottleneck",
-    152: "bottleneck",
-    200: "bottleneck",
-}
-WIDTH_MULTIPLIERS = (1, 2, 3, 4)
 HEAD_MODULES = {
     "mlp": {"dims", "use_bn", "use_relu", "use_dropout", "use_bias", "skip_last_layer_relu_bn"},
     "siamese_concat_view": {"num_towers"},
 }
 HEAD_FEATURES = ("flatten", "res5avg")  # trunk features a head may read (both: pooled res5)
-DATA_SOURCES = ("disk_folder", "disk_filelist", "shards", "synthetic")
-COLLATORS = ("default_collate", "patch_and_image_collator")
-LR_SCHEDULES = ("cosine", "multistep", "linear", "constant")
-# Sanity bounds: far above any real run (the seed's largest: batch 32 per GPU, LR 0.12), low
-# enough that a typo (an extra zero or ten) is an error instead of a run that overflows.
-MAX_BATCH_PER_REPLICA = 65536
+# Sanity bound: far above any real run (the seed's largest LR: 0.12), low enough that a typo (an
+# extra zero or ten) is an error instead of a run that overflows.
 MAX_LR = 100.0
 
 
@@ -92,6 +83,7 @@ def compose(overrides: list[str], primary: str = "defaults", schema: type = Conf
     finally:
         GlobalHydra.instance().clear()
     data = OmegaConf.to_container(composed, resolve=True)
+    assert isinstance(data, dict)  # a composed config is a mapping
     extra = sorted(set(data) - {"config"})
     if extra:
         raise ConfigError(
@@ -214,7 +206,7 @@ def _build_dataclass(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path)
     if tp is Any:
         return value
@@ -250,237 +242,130 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"schema type {tp} at {path} is not handled")  # a bug in schema.py
 
 
-def _one_of(path: str, value: Any, allowed: tuple | list | set) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}={value!r} is not supported; use one of {sorted(allowed)}{hint}")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def check(cfg: Config) -> None:
-    """Impossible values, each reported with the key that holds it."""
-    c = "config"
-    loss = cfg.LOSS.nce_loss_with_memory
-    lp = f"{c}.LOSS.nce_loss_with_memory"
-    _one_of(f"{c}.LOSS.name", cfg.LOSS.name, ("nce_loss_with_memory",))
-    _one_of(f"{lp}.loss_type", loss.loss_type, ("nce", "cross_entropy"))
-    _require(loss.temperature > 0, f"{lp}.temperature must be > 0, got {loss.temperature}")
-    neg = loss.negative_sampling_params
-    _require(neg.num_negatives > 0, f"{lp}.negative_sampling_params.num_negatives must be > 0")
-    _one_of(f"{lp}.negative_sampling_params.type", neg.type, ("random", "shared"))
-    _require(
-        not (neg.exclude_positive and neg.type == "shared"),
-        f"{lp}.negative_sampling_params.exclude_positive needs type=random (shared negatives are one set per step)",
-    )
-    mem = loss.memory_params
-    _require(
-        0.0 <= mem.momentum < 1.0,
-        f"{lp}.memory_params.momentum must be in [0, 1), got {mem.momentum}",
-    )
-    _require(mem.embedding_dim > 0, f"{lp}.memory_params.embedding_dim must be > 0")
-    _one_of(f"{lp}.memory_params.init_sync", mem.init_sync, ("broadcast", "average"))
-    _one_of(f"{lp}.memory_params.duplicate_update", mem.duplicate_update, ("last", "mean"))
-    _one_of(f"{lp}.memory_params.dtype", mem.dtype, ("float32", "float16", "bfloat16"))
-    _require(
-        loss.norm_constant < 0 or loss.norm_constant > 0,
-        f"{lp}.norm_constant must be > 0 (fixed Z) or < 0 (estimate Z from the first batch), got 0",
-    )
+    """Impossible values, each reported with the key that holds it: every field's rule and each
+    section's (`pirl.schema`), then the few rules between sections."""
+    check_tree(cfg, "config")
+    check_heads(cfg)
+    check_outputs(cfg)
+    check_transforms(cfg.DATA.TRAIN, "config.DATA.TRAIN")
 
-    r = cfg.MODEL.TRUNK.RESNETS
-    rp = f"{c}.MODEL.TRUNK.RESNETS"
-    _one_of(f"{c}.MODEL.TRUNK.NAME", cfg.MODEL.TRUNK.NAME, ("resnet",))
-    _one_of(f"{rp}.DEPTH", r.DEPTH, tuple(TRUNK_DEPTHS))
-    _one_of(f"{rp}.WIDTH_MULTIPLIER", r.WIDTH_MULTIPLIER, WIDTH_MULTIPLIERS)
-    _one_of(f"{rp}.NORM", r.NORM, ("BatchNorm",))
-    _require(
-        r.GROUPS >= 1 and r.WIDTH_PER_GROUP >= 1, f"{rp}.GROUPS and WIDTH_PER_GROUP must be >= 1"
-    )
-    _require(
-        TRUNK_DEPTHS[r.DEPTH] == "bottleneck" or (r.GROUPS == 1 and r.WIDTH_PER_GROUP == 64),
-        f"{rp}.GROUPS/WIDTH_PER_GROUP (ResNeXt) need a bottleneck depth (50/101/152/200), got DEPTH={r.DEPTH}",
-    )
-    _one_of(f"{rp}.LAYER4_STRIDE", r.LAYER4_STRIDE, (1, 2))
-    _one_of(
-        f"{c}.MODEL.AMP_PARAMS.AMP_DTYPE", cfg.MODEL.AMP_PARAMS.AMP_DTYPE, ("bfloat16", "float16")
-    )
 
+def check_heads(cfg: Config) -> None:
+    """MODEL.HEAD.PARAMS (VISSL's [name, {kwargs}] modules) and MULTI_INPUT_HEAD_MAPPING."""
     heads = cfg.MODEL.HEAD.PARAMS
-    _require(len(heads) >= 1, f"{c}.MODEL.HEAD.PARAMS is empty: the model needs at least one head")
+    require(len(heads) >= 1, "config.MODEL.HEAD.PARAMS is empty: the model needs at least one head")
     for i, head in enumerate(heads):
-        hp = f"{c}.MODEL.HEAD.PARAMS[{i}]"
-        _require(
-            isinstance(head, list) and head,
+        hp = f"config.MODEL.HEAD.PARAMS[{i}]"
+        require(
+            isinstance(head, list) and len(head) > 0,
             f"{hp} must be [name, {{kwargs}}] or a non-empty list of them",
         )
         single = isinstance(head[0], str)
         for j, module in enumerate(head_modules(head)):
-            mp = hp if single else f"{hp}[{j}]"
-            _require(
-                isinstance(module, list) and len(module) == 2 and isinstance(module[1], dict),
-                f"{mp} must be exactly [name, {{kwargs}}], got {module!r} (a key outside the "
-                "kwargs mapping would be silently ignored by VISSL; move it inside)",
-            )
-            name, kwargs = module
-            _one_of(f"{mp}[0]", name, tuple(HEAD_MODULES))
-            for key in kwargs:
-                _one_of(f"{mp}[1].{key}", key, tuple(HEAD_MODULES[name]))
-            if name == "mlp":
-                dims = kwargs.get("dims")
-                _require(
-                    isinstance(dims, list)
-                    and len(dims) >= 2
-                    and all(isinstance(d, int) and d > 0 for d in dims),
-                    f"{mp}[1].dims must be a list of >= 2 positive integers, got {dims!r}",
-                )
-            else:
-                towers = kwargs.get("num_towers")
-                _require(
-                    isinstance(towers, int) and towers >= 1,
-                    f"{mp}[1].num_towers must be a positive integer",
-                )
+            check_head_module(module, hp if single else f"{hp}[{j}]")
 
-    mapping = cfg.MODEL.MULTI_INPUT_HEAD_MAPPING
-    keys = cfg.DATA.TRAIN.INPUT_KEY_NAMES
-    if mapping:
-        _require(
-            len(mapping) == len(heads),
-            f"{c}.MODEL.MULTI_INPUT_HEAD_MAPPING has {len(mapping)} entries but HEAD.PARAMS has {len(heads)} heads",
-        )
-        for i, entry in enumerate(mapping):
-            _require(
-                isinstance(entry, list) and len(entry) == 2 and entry[0] in keys,
-                f"{c}.MODEL.MULTI_INPUT_HEAD_MAPPING[{i}] must be [input_key, [feature]] with input_key in "
-                f"DATA.TRAIN.INPUT_KEY_NAMES {keys}, got {entry!r}",
-            )
-            _require(
-                isinstance(entry[1], list) and len(entry[1]) == 1 and entry[1][0] in HEAD_FEATURES,
-                f"{c}.MODEL.MULTI_INPUT_HEAD_MAPPING[{i}] feature {entry[1]!r} is not supported: "
-                "every head reads the trunk's pooled res5 output, which VISSL names flatten (or "
-                "res5avg, the same values); use [flatten]",
-            )
-    else:
-        _require(
+    mapping, keys = cfg.MODEL.MULTI_INPUT_HEAD_MAPPING, cfg.DATA.TRAIN.INPUT_KEY_NAMES
+    mp = "config.MODEL.MULTI_INPUT_HEAD_MAPPING"
+    if not mapping:
+        require(
             len(heads) == 1,
-            f"{c}.MODEL.HEAD.PARAMS has {len(heads)} heads but no MULTI_INPUT_HEAD_MAPPING",
+            f"config.MODEL.HEAD.PARAMS has {len(heads)} heads but no MULTI_INPUT_HEAD_MAPPING",
         )
-    n_out = len(heads)
-    _require(
+        return
+    require(
+        len(mapping) == len(heads),
+        f"{mp} has {len(mapping)} entries but HEAD.PARAMS has {len(heads)} heads",
+    )
+    for i, entry in enumerate(mapping):
+        require(
+            isinstance(entry, list) and len(entry) == 2 and entry[0] in keys,
+            f"{mp}[{i}] must be [input_key, [feature]] with input_key in "
+            f"DATA.TRAIN.INPUT_KEY_NAMES {keys}, got {entry!r}",
+        )
+        require(
+            isinstance(entry[1], list) and len(entry[1]) == 1 and entry[1][0] in HEAD_FEATURES,
+            f"{mp}[{i}] feature {entry[1]!r} is not supported: every head reads the trunk's "
+            "pooled res5 output, which VISSL names flatten (or res5avg, the same values); use "
+            "[flatten]",
+        )
+
+
+def check_head_module(module: Any, mp: str) -> None:
+    require(
+        isinstance(module, list) and len(module) == 2 and isinstance(module[1], dict),
+        f"{mp} must be exactly [name, {{kwargs}}], got {module!r} (a key outside the "
+        "kwargs mapping would be silently ignored by VISSL; move it inside)",
+    )
+    name, kwargs = module
+    one_of(f"{mp}[0]", name, tuple(HEAD_MODULES))
+    for key in kwargs:
+        one_of(f"{mp}[1].{key}", key, tuple(HEAD_MODULES[name]))
+    if name == "mlp":
+        dims = kwargs.get("dims")
+        require(
+            isinstance(dims, list)
+            and len(dims) >= 2
+            and all(isinstance(d, int) and d > 0 for d in dims),
+            f"{mp}[1].dims must be a list of >= 2 positive integers, got {dims!r}",
+        )
+    else:
+        towers = kwargs.get("num_towers")
+        require(
+            isinstance(towers, int) and towers >= 1,
+            f"{mp}[1].num_towers must be a positive integer, got {towers!r}",
+        )
+
+
+def check_outputs(cfg: Config) -> None:
+    """The loss's per-output keys against the model's outputs (one per head)."""
+    loss, lp = cfg.LOSS.nce_loss_with_memory, "config.LOSS.nce_loss_with_memory"
+    n_out = len(cfg.MODEL.HEAD.PARAMS)
+    require(
         len(loss.loss_weights) == n_out,
-        f"{lp}.loss_weights has {len(loss.loss_weights)} entries but the model has {n_out} output(s) "
-        f"({', '.join(output_names(cfg))}); give one weight per output",
+        f"{lp}.loss_weights has {len(loss.loss_weights)} entries but the model has {n_out} "
+        f"output(s) ({', '.join(output_names(cfg))}); give one weight per output",
     )
-    if not mem.update_mem_on_forward:
-        _require(
+    if not loss.memory_params.update_mem_on_forward:
+        require(
             0 <= loss.update_mem_with_emb_index < n_out,
-            f"{lp}.update_mem_with_emb_index={loss.update_mem_with_emb_index} must name a model output "
-            f"(0..{n_out - 1}) when memory_params.update_mem_on_forward is false",
+            f"{lp}.update_mem_with_emb_index={loss.update_mem_with_emb_index} must name a model "
+            f"output (0..{n_out - 1}) when memory_params.update_mem_on_forward is false",
         )
 
-    d = cfg.DATA.TRAIN
-    dp = f"{c}.DATA.TRAIN"
-    for src in d.DATA_SOURCES:
-        _one_of(f"{dp}.DATA_SOURCES", src, DATA_SOURCES)
-    _require(
-        len(d.DATA_SOURCES) == 1,
-        f"{dp}.DATA_SOURCES must name exactly one source, got {d.DATA_SOURCES}",
-    )
-    _one_of(f"{dp}.COLLATE_FUNCTION", d.COLLATE_FUNCTION, COLLATORS)
-    _one_of(f"{dp}.LABEL_TYPE", d.LABEL_TYPE, ("sample_index", "standard"))
-    _require(
-        1 <= d.BATCHSIZE_PER_REPLICA <= MAX_BATCH_PER_REPLICA,
-        f"{dp}.BATCHSIZE_PER_REPLICA must be in [1, {MAX_BATCH_PER_REPLICA}], "
-        f"got {d.BATCHSIZE_PER_REPLICA}",
-    )
-    _require(cfg.DATA.NUM_DATALOADER_WORKERS >= 0, f"{c}.DATA.NUM_DATALOADER_WORKERS must be >= 0")
-    check_data_limit(d, dp)
-    if d.COLLATE_FUNCTION == "patch_and_image_collator":
-        _require(
-            sorted(keys) == ["images", "patches"],
-            f"{dp}.INPUT_KEY_NAMES must be [patches, images] with patch_and_image_collator, got {keys}",
-        )
-    from pirl.transforms import build_transform  # validates every transform and its params
 
-    build_transform(d.TRANSFORMS, f"{dp}.TRANSFORMS")
-    if d.TRANSFORMS_ON_DEVICE:
+def check_transforms(split: DataSplit, path: str) -> None:
+    """Builds the split's TRANSFORMS (and their on-device form when asked): every transform and
+    its parameters are validated by the code that will run them."""
+    from pirl.transforms import build_transform
+
+    build_transform(split.TRANSFORMS, f"{path}.TRANSFORMS")
+    if split.TRANSFORMS_ON_DEVICE:
         from pirl.device_transforms import build_device_transform
 
         build_device_transform(
-            d.TRANSFORMS, d.COLLATE_FUNCTION, d.INPUT_KEY_NAMES, f"{dp}.TRANSFORMS"
+            split.TRANSFORMS, split.COLLATE_FUNCTION, split.INPUT_KEY_NAMES, f"{path}.TRANSFORMS"
         )
 
-    check_optimizer(cfg.OPTIMIZER, f"{c}.OPTIMIZER")
 
+def check_world_size(cfg: Any, world_size: int) -> None:
+    """The launch (`world_size` processes) against DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE,
+    which the global batch and the LR scaling follow."""
     dist = cfg.DISTRIBUTED
-    _require(dist.NUM_NODES >= 1, f"{c}.DISTRIBUTED.NUM_NODES must be >= 1")
-    _require(dist.NUM_PROC_PER_NODE >= 1, f"{c}.DISTRIBUTED.NUM_PROC_PER_NODE must be >= 1")
-    _one_of(f"{c}.DISTRIBUTED.BACKEND", dist.BACKEND, ("nccl", "gloo"))
-    _require(dist.TIMEOUT_SECONDS >= 1, f"{c}.DISTRIBUTED.TIMEOUT_SECONDS must be >= 1")
-    _one_of(f"{c}.MACHINE.DEVICE", cfg.MACHINE.DEVICE, ("gpu", "cpu", "auto"))
-    _require(cfg.CHECKPOINT.KEEP_LAST >= 1, f"{c}.CHECKPOINT.KEEP_LAST must be >= 1")
-    _require(
-        cfg.CHECKPOINT.CHECKPOINT_FREQUENCY >= 1,
-        f"{c}.CHECKPOINT.CHECKPOINT_FREQUENCY must be >= 1",
-    )
-    _require(cfg.CHECKPOINT.DIR != "", f"{c}.CHECKPOINT.DIR must not be empty")
-    _require(cfg.LOG_FREQUENCY >= 1, f"{c}.LOG_FREQUENCY must be >= 1")
-
-
-def check_data_limit(d, dp: str) -> None:
-    """DATA_LIMIT and VISSL's DATA_LIMIT_SAMPLING keys, for pretraining and benchmark splits."""
-    _require(d.DATA_LIMIT == -1 or d.DATA_LIMIT >= 1, f"{dp}.DATA_LIMIT must be -1 (all) or >= 1")
-    sampling = d.DATA_LIMIT_SAMPLING
-    _require(
-        not sampling.IS_BALANCED,
-        f"{dp}.DATA_LIMIT_SAMPLING.IS_BALANCED=true (a class-balanced subset) is not supported: "
-        "set it to false for a uniform random subset",
-    )
-    _require(
-        sampling.SKIP_NUM_SAMPLES == 0,
-        f"{dp}.DATA_LIMIT_SAMPLING.SKIP_NUM_SAMPLES is not supported: remove it (DATA_LIMIT "
-        "draws its subset at random, seeded by DATA_LIMIT_SAMPLING.SEED)",
-    )
-    _require(
-        d.DATA_LIMIT < 0 or d.DATA_SOURCES[0] != "shards" or sampling.SEED == 0,
-        f"{dp}.DATA_LIMIT_SAMPLING.SEED={sampling.SEED}: on shards, DATA_LIMIT takes the first "
-        "samples of the dataset's own random order (set by `pirl prep --seed`); for another "
-        "subset re-run prep with another --seed, or remove DATA_LIMIT_SAMPLING.SEED",
-    )
-
-
-def check_optimizer(o, op: str) -> None:
-    """The SGD and LR-schedule values of an OPTIMIZER block (pretraining and benchmark alike)."""
-    _one_of(f"{op}.name", o.name, ("sgd",))
-    _require(o.num_epochs >= 1, f"{op}.num_epochs must be >= 1, got {o.num_epochs}")
-    _require(
-        o.weight_decay >= 0 and o.momentum >= 0, f"{op}.weight_decay and momentum must be >= 0"
-    )
-    _require(
-        not o.nesterov or o.momentum > 0, f"{op}.nesterov needs momentum > 0 (torch's SGD rule)"
-    )
-    lr = o.param_schedulers.lr
-    sp = f"{op}.param_schedulers.lr"
-    _one_of(f"{sp}.name", lr.name, LR_SCHEDULES)
-    _one_of(f"{sp}.update_interval", lr.update_interval, ("epoch", "step"))
-    _one_of(
-        f"{sp}.auto_lr_scaling.scaling_type", lr.auto_lr_scaling.scaling_type, ("linear", "sqrt")
-    )
-    _require(
-        lr.auto_lr_scaling.base_lr_batch_size >= 1,
-        f"{sp}.auto_lr_scaling.base_lr_batch_size must be >= 1",
-    )
-    if lr.name == "multistep":
-        _require(
-            len(lr.values) == len(lr.milestones) + 1,
-            f"{sp}.values needs one more entry than milestones, got {len(lr.values)} values and {len(lr.milestones)} milestones",
+    configured = dist.NUM_NODES * dist.NUM_PROC_PER_NODE
+    if world_size != configured:
+        raise ConfigError(
+            f"the job runs {world_size} process(es) but config.DISTRIBUTED.NUM_NODES="
+            f"{dist.NUM_NODES} x NUM_PROC_PER_NODE={dist.NUM_PROC_PER_NODE} = {configured}; "
+            f"the LR scaling and batch depend on it: pass config.DISTRIBUTED.NUM_NODES=... "
+            f"config.DISTRIBUTED.NUM_PROC_PER_NODE=... matching the launch"
         )
-        _require(lr.milestones == sorted(lr.milestones), f"{sp}.milestones must be increasing")
-    if lr.name == "cosine":
-        _require(lr.start_value > 0, f"{sp}.start_value must be > 0 for the cosine schedule")
+
+
+def warn_vissl_only(cfg: Any) -> None:
+    """One warning line per key kept only for VISSL's YAML (schema `vissl_only`) that is set."""
+    for setting in vissl_only_values(cfg, "config"):
+        log.warning("config: %s is a VISSL key that has no effect here", setting)
 
 
 def head_modules(head: list) -> list:
@@ -520,88 +405,95 @@ def trunk_output_dim(cfg: Config) -> int:
     return base * r.WIDTH_MULTIPLIER
 
 
-def derive(
-    cfg: Config, world_size: int | None = None, num_train_samples: int | None = None
-) -> Derived:
-    """Fill in what follows from the config: LR scaling, head input sizes, memory size.
-
-    Mutates `cfg` where VISSL also rewrites the config (head input dims, num_train_samples,
-    memory_size) and returns everything else as a `Derived` record.
-    """
-    dist = cfg.DISTRIBUTED
-    configured_world = dist.NUM_NODES * dist.NUM_PROC_PER_NODE
-    if world_size is not None and world_size != configured_world:
-        raise ConfigError(
-            f"the job runs {world_size} process(es) but config.DISTRIBUTED.NUM_NODES="
-            f"{dist.NUM_NODES} x NUM_PROC_PER_NODE={dist.NUM_PROC_PER_NODE} = {configured_world}; "
-            f"the LR scaling and batch depend on it: pass config.DISTRIBUTED.NUM_NODES=... "
-            f"config.DISTRIBUTED.NUM_PROC_PER_NODE=... matching the launch"
-        )
-    notes: list[str] = []
+def derive(cfg: Config, world_size: int | None = None) -> tuple[Config, Derived]:
+    """What follows from the config (and `world_size`, checked when given): the global batch,
+    the scaled LR schedule, head input sizes. Pure: returns a resolved copy of `cfg` (head input
+    sizes follow the trunk, as VISSL rewrites them) and the `Derived` record, whose notes say
+    what was rewritten. The dataset's part comes later, from `fit_dataset`."""
+    if world_size is not None:
+        check_world_size(cfg, world_size)
+    cfg = copy.deepcopy(cfg)
+    world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    global_batch = batch * configured_world
-
-    # Heads: the first layer's input follows the trunk (the seed's w2 command keeps 2048-d heads).
-    out_dim = trunk_output_dim(cfg)
-    loss = cfg.LOSS.nce_loss_with_memory
-    for i, head in enumerate(cfg.MODEL.HEAD.PARAMS):
-        dim = out_dim
-        for j, (name, kwargs) in enumerate(head_modules(head)):
-            if name == "mlp":
-                if kwargs["dims"][0] != dim:
-                    notes.append(
-                        f"MODEL.HEAD.PARAMS[{i}][{j}] input {kwargs['dims'][0]} -> {dim} "
-                        f"(follows the {'trunk' if j == 0 else 'previous layer'} output)"
-                    )
-                    kwargs["dims"] = [dim] + list(kwargs["dims"][1:])
-                dim = kwargs["dims"][-1]
-            else:
-                dim = dim * kwargs["num_towers"]
-        if dim != loss.memory_params.embedding_dim:
-            raise ConfigError(
-                f"config.MODEL.HEAD.PARAMS[{i}] outputs {dim}-d embeddings but "
-                f"config.LOSS.nce_loss_with_memory.memory_params.embedding_dim="
-                f"{loss.memory_params.embedding_dim}; make the last head layer match the memory bank"
-            )
-
-    if num_train_samples is not None:
-        if loss.num_train_samples not in (-1, num_train_samples):
-            notes.append(
-                f"num_train_samples {loss.num_train_samples} -> {num_train_samples} (dataset length)"
-            )
-        loss.num_train_samples = num_train_samples
-        loss.memory_params.memory_size = num_train_samples
-        k = loss.negative_sampling_params.num_negatives
-        if k >= num_train_samples:
-            # Legal in VISSL (negatives are drawn with replacement; its quick_pirl draws 4,096
-            # from 500 images), but every step then scores each row of the bank several times.
-            message = (
-                f"negative_sampling_params.num_negatives={k} >= the dataset's {num_train_samples} "
-                "samples: negatives are drawn with replacement, so each bank row repeats ~"
-                f"{k / num_train_samples:.1f} times per sample"
-            )
-            notes.append(message)
-            log.warning("config: %s", message)
-        if loss.negative_sampling_params.exclude_positive and num_train_samples < 2:
-            raise ConfigError(
-                "config.LOSS.nce_loss_with_memory.negative_sampling_params.exclude_positive needs "
-                f"a dataset of at least 2 samples, got {num_train_samples}"
-            )
-
+    notes = resolve_head_inputs(cfg)
     sched = cfg.OPTIMIZER.param_schedulers.lr
-    factor, lr = scaled_lr_schedule(sched, global_batch)
+    factor, lr = scaled_lr_schedule(sched, batch * world)
     if sched.auto_lr_scaling.auto_scale:  # an LR given as is (auto_scale=false) is the user's
-        check_lr_values(lr, global_batch)
-    return Derived(
-        world_size=configured_world,
-        global_batch_size=global_batch,
+        check_lr_values(lr, batch * world)
+    derived = Derived(
+        world_size=world,
+        global_batch_size=batch * world,
         batch_size_per_rank=batch,
         lr_scale_factor=factor,
         lr=lr,
-        trunk_output_dim=out_dim,
-        num_train_samples=num_train_samples if num_train_samples is not None else -1,
+        trunk_output_dim=trunk_output_dim(cfg),
+        num_train_samples=-1,
         notes=notes,
     )
+    return cfg, derived
+
+
+def resolve_head_inputs(cfg: Config) -> list[str]:
+    """Rewrites (in place) each mlp layer's input size to follow the trunk or the previous layer
+    (the seed's w2 command keeps 2048-d heads); returns a note per rewrite. Each head must end in
+    the memory bank's embedding size."""
+    notes = []
+    embedding_dim = cfg.LOSS.nce_loss_with_memory.memory_params.embedding_dim
+    for i, head in enumerate(cfg.MODEL.HEAD.PARAMS):
+        dim = trunk_output_dim(cfg)
+        for j, (name, kwargs) in enumerate(head_modules(head)):
+            if name != "mlp":
+                dim = dim * kwargs["num_towers"]
+                continue
+            if kwargs["dims"][0] != dim:
+                notes.append(
+                    f"MODEL.HEAD.PARAMS[{i}][{j}] input {kwargs['dims'][0]} -> {dim} "
+                    f"(follows the {'trunk' if j == 0 else 'previous layer'} output)"
+                )
+                kwargs["dims"] = [dim] + list(kwargs["dims"][1:])
+            dim = kwargs["dims"][-1]
+        if dim != embedding_dim:
+            raise ConfigError(
+                f"config.MODEL.HEAD.PARAMS[{i}] outputs {dim}-d embeddings but "
+                f"config.LOSS.nce_loss_with_memory.memory_params.embedding_dim={embedding_dim}; "
+                "make the last head layer match the memory bank"
+            )
+    return notes
+
+
+def fit_dataset(cfg: Config, derived: Derived, num_train_samples: int) -> tuple[Config, Derived]:
+    """The dataset's part of `derive`, once it is open: the memory bank has one row per sample.
+    Pure like `derive`: returns copies, with a note (also logged as a warning) when the
+    negatives outnumber the samples."""
+    cfg = copy.deepcopy(cfg)
+    loss = cfg.LOSS.nce_loss_with_memory
+    notes = []
+    if loss.num_train_samples not in (-1, num_train_samples):
+        notes.append(
+            f"num_train_samples {loss.num_train_samples} -> {num_train_samples} (dataset length)"
+        )
+    loss.num_train_samples = num_train_samples
+    loss.memory_params.memory_size = num_train_samples
+    k = loss.negative_sampling_params.num_negatives
+    if k >= num_train_samples:
+        # Legal in VISSL (negatives are drawn with replacement; its quick_pirl draws 4,096 from
+        # 500 images), but every step then scores each row of the bank several times.
+        message = (
+            f"negative_sampling_params.num_negatives={k} >= the dataset's {num_train_samples} "
+            "samples: negatives are drawn with replacement, so each bank row repeats ~"
+            f"{k / num_train_samples:.1f} times per sample"
+        )
+        notes.append(message)
+        log.warning("config: %s", message)
+    if loss.negative_sampling_params.exclude_positive and num_train_samples < 2:
+        raise ConfigError(
+            "config.LOSS.nce_loss_with_memory.negative_sampling_params.exclude_positive needs "
+            f"a dataset of at least 2 samples, got {num_train_samples}"
+        )
+    fitted = dataclasses.replace(
+        derived, num_train_samples=num_train_samples, notes=[*derived.notes, *notes]
+    )
+    return cfg, fitted
 
 
 def check_lr_values(lr: dict, global_batch: int) -> None:
@@ -616,7 +508,7 @@ def check_lr_values(lr: dict, global_batch: int) -> None:
 
 
 def scaled_lr_schedule(sched, global_batch: int) -> tuple[float, dict]:
-    """VISSL's auto_lr_scaling (spec §5.2): returns (factor, the schedule with scaled values)."""
+    """VISSL's auto_lr_scaling (docs/vissl-notes.md#lr-scaling): returns (factor, the schedule with scaled values)."""
     scaling = sched.auto_lr_scaling
     lr: dict[str, Any] = {"name": sched.name, "update_interval": sched.update_interval}
     if sched.name == "cosine":
@@ -685,11 +577,11 @@ def override_parser(prog: str, description: str, overrides_help: str) -> argpars
 
 
 def load(overrides: list[str], world_size: int | None = None) -> tuple[Config, Derived]:
-    """Compose, validate and derive. `world_size` defaults to the launcher's WORLD_SIZE if set."""
+    """Compose, validate and derive (see `derive`); `world_size`, when given, is checked against
+    the config. The launcher's environment is read by `pirl.dist` alone: pass its world size."""
     cfg = build(compose(overrides))
-    if world_size is None and os.environ.get("WORLD_SIZE"):
-        world_size = int(os.environ["WORLD_SIZE"])
-    return cfg, derive(cfg, world_size)
+    warn_vissl_only(cfg)
+    return derive(cfg, world_size)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -119,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import logging
 
-    from kfp import local
-
-    from pipeline.pipeline import pirl_pretrain
     from pirl import config, storage
     from pirl.data.demo import write_demo_folder
     from pirl.errors import PirlError
+    from pirl.extras import need
 
     arguments = demo_arguments("", "", args.epochs, args.train_override, method=args.method)
     nodes, procs = arguments["train_num_nodes"], arguments["train_nproc_per_node"]
-    try:  # a bad override fails here, before any pipeline step runs
+    try:  # a missing extra or a bad override fails here, before any pipeline step runs
+        local = need("kfp.local", "demo", "the demo (a local run of the KFP pipeline)")
+        if args.dataset == "digits":
+            need("sklearn", "demo", "the digits demo set")
         config.load(
             [
                 f"config={DEMO_PRESETS[args.method]}",
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output if "://" in args.output else str(Path(args.output).resolve())
     source = work / args.dataset
     write_demo_folder(args.dataset, str(source))
+    from pipeline.pipeline import pirl_pretrain  # needs kfp: imported once `need` found it
+
     logging.getLogger("kfp").setLevel(logging.WARNING)  # "resources have no effect locally", etc.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"))
     try:

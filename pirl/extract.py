@@ -138,7 +138,7 @@ def load_network(url: str, want_head: bool) -> tuple[ResNetTrunk, nn.Module | No
                 f"--layers heads needs a training checkpoint (model + config), got {resolved}"
             )
         cfg = config.build(yaml.safe_load(obj["config"])["config"])
-        config.derive(cfg)
+        cfg, _ = config.derive(cfg)
         model = build_model(cfg)
         model.load_state_dict(obj["model"])
         head = model.heads[image_head_index(cfg.MODEL.HEAD.PARAMS)]
@@ -174,6 +174,7 @@ class LayerFeatures(nn.Module):
             if name == "res5avg":
                 out[name] = flat
             elif name == "heads":
+                assert self.head is not None, "--layers heads loads the head with the trunk"
                 out[name] = self.head(flat)
             else:
                 out[name] = self.pool(maps[name])
@@ -350,7 +351,7 @@ def extract(args: argparse.Namespace, env: dist.DistEnv) -> dict:
     per_rank = gather_objects(
         {"files": writer.files, "count": writer.count, "shapes": writer.shapes}
     )
-    shapes = next((r["shapes"] for r in per_rank if r["shapes"]), {})
+    shapes: dict = next((r["shapes"] for r in per_rank if r["shapes"]), {})
     manifest = {
         "split": args.split,
         "layers": args.layers,

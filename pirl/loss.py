@@ -9,7 +9,7 @@ For each model output l (PIRL: 0 = patches, 1 = image) with embedding v (normali
     total = sum_l loss_weights[l] * loss_l
 Z (norm_constant < 0) is estimated once from the first scored batch as N * mean(exp(s)),
 averaged over ranks, and then kept (it is saved in checkpoints). The bank is updated inside
-the term that owns the update, after that term is scored (spec §2.4), with all-gathered pairs.
+the term that owns the update, after that term is scored, with all-gathered pairs (docs/vissl-notes.md#updating-the-memory).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def nce_loss(scores: torch.Tensor, z: torch.Tensor, num_samples: int) -> torch.T
 
 
 class NCELossWithMemory(nn.Module):
+    z: torch.Tensor  # a registered buffer: the NCE normalisation constant Z
+
     def __init__(
         self, cfg: NceLossWithMemory, num_train_samples: int, seed: int = 0, rank: int = 0
     ):
@@ -54,7 +56,8 @@ class NCELossWithMemory(nn.Module):
         )
         # Z: < 0 means "not estimated yet"; saved with the bank so a resumed run keeps it.
         self.register_buffer("z", torch.tensor(float(cfg.norm_constant)))
-        # Each rank draws its own negatives (spec §2.5); the state is saved for exact resume.
+        # Each rank draws its own negatives (docs/vissl-notes.md#negatives-across-ranks); the
+        # state is saved for exact resume.
         self.generator = torch.Generator().manual_seed(seed * 1000003 + rank)
         self.meter: HealthMeter | None = None  # set by the trainer to record health statistics
 

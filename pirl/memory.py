@@ -1,6 +1,7 @@
 """The memory bank: one unit vector per training image, identical on every rank.
+VISSL's behaviour it follows: docs/vissl-notes.md#memory-initialisation and #updating-the-memory.
 
-Initialised uniform in [-s, s] with s = 1/sqrt(D/3) then row-normalised (spec §2.1), made
+Initialised uniform in [-s, s] with s = 1/sqrt(D/3) then row-normalised, made
 identical across ranks by an explicit broadcast from rank 0 (or VISSL's averaging, on request),
 and updated with the all-gathered (embedding, index) pairs of every rank:
     m_y <- normalise(momentum * m_y + (1 - momentum) * v)        (momentum weights the OLD row)
@@ -30,6 +31,8 @@ CHUNK_ROWS = 8192  # rows gathered at a time by `scores`: 4 MB at D=128 float32,
 
 
 class MemoryBank(nn.Module):
+    memory: torch.Tensor  # a registered buffer (saved with the state dict)
+
     def __init__(
         self,
         size: int,
@@ -51,7 +54,8 @@ class MemoryBank(nn.Module):
         self.register_buffer("memory", memory.to(DTYPES[dtype]))
         # Rows overwritten since the current step began, kept only once `scores` has run in the
         # step (a backward pass may need them): [(version, indices, old rows)].
-        self.version, self._undo_from, self._undo, self._scored = 0, 0, [], False
+        self._undo: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.version, self._undo_from, self._scored = 0, 0, False
 
     def begin_step(self) -> None:
         """Forget the rows kept for backward passes of the previous step (call once per step)."""
@@ -59,7 +63,7 @@ class MemoryBank(nn.Module):
 
     def sync(self, mode: str = "broadcast") -> None:
         """Make every rank's replica identical: rank 0's bank, or VISSL's all-reduce average
-        (whose rows are no longer unit-norm until first updated: spec §2.1)."""
+        (whose rows are no longer unit-norm until first updated)."""
         if mode == "broadcast":
             dist.broadcast_(self.memory, src=0)
         else:

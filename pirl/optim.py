@@ -15,7 +15,8 @@ def param_groups(
 ) -> list[dict]:
     """Split parameters into decayed and not decayed: norm-layer weights and biases decay only
     if regularize_bn; other biases only if regularize_bias (PIRL: neither)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:

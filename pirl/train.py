@@ -332,7 +332,7 @@ def train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dic
 
 def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> dict:
     data = open_data(cfg, env)
-    derived = config.derive(cfg, env.world_size, data.num_samples)  # memory size = dataset length
+    cfg, derived = config.fit_dataset(cfg, derived, data.num_samples)  # memory = dataset size
     log_plan(data, env, derived)
     num_epochs = cfg.OPTIMIZER.num_epochs
     t = build_training(cfg, env, data.num_samples, config.lr_at(derived.lr, 0, num_epochs))
@@ -414,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     dcfg = cfg.DISTRIBUTED
     env = start(cfg.MACHINE.DEVICE, dcfg.TIMEOUT_SECONDS, dcfg.BACKEND)
-    config.derive(cfg, env.world_size)  # world-size check against NUM_NODES x NUM_PROC_PER_NODE
+    config.check_world_size(cfg, env.world_size)
     held = None
     try:
         if env.is_main:

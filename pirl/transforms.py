@@ -1,8 +1,9 @@
 """PIRL / NPID augmentations, built from VISSL-style transform lists, and the collators.
 
 `ImgPilToPatchesAndImage` turns one PIL image into 10 views: [image crop, 9 shuffled jigsaw
-patches]. Every transform after it runs separately on each view with its own random draw (spec
-§1.3), which is what VISSL's SSLTransformsWrapper does for "transforms with copies".
+patches]. Every transform after it runs separately on each view with its own random draw, which
+is what VISSL's SSLTransformsWrapper does for "transforms with copies"
+(docs/vissl-notes.md#transforms-with-copies).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _list_args(**kwargs: Any) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
-# name -> constructor; the transforms PIRL and NPID use (spec §1.3 and §7).
+# name -> constructor; the transforms PIRL and NPID use (docs/vissl-notes.md#transforms-with-copies).
 TRANSFORMS: dict[str, Callable[..., Callable]] = {
     "ImgPilToPatchesAndImage": ImgPilToPatchesAndImage,
     "ColorJitter": lambda **kw: T.ColorJitter(**kw),

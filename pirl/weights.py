@@ -391,8 +391,10 @@ def vissl_checkpoint(url: str) -> dict:
     trunk, kind = trunk_state_from(obj, resolved)
     heads: dict[str, torch.Tensor] = {}
     if kind == "checkpoint":
+        assert isinstance(obj, dict)
         heads = vissl_head_state(obj["model"], obj.get("config"))
     elif kind == "vissl":
+        assert isinstance(obj, dict)
         heads = dict(obj["classy_state_dict"]["base_model"]["model"].get("heads") or {})
     model = {
         "trunk": {f"_feature_blocks.{k}": v.detach().cpu().contiguous() for k, v in trunk.items()},

@@ -186,7 +186,7 @@ def one_pod(out: str, data: Path, logdir: Path, *extra: str, env: dict | None = 
 
 
 def pod_env(port: int, node_rank: int, nodes: int = 2, **extra: str) -> dict:
-    """What the Training Operator injects into a PyTorchJob pod (spec kubeflow.md §4)."""
+    """What the Training Operator injects into a PyTorchJob pod (docs/pytorchjob-contract.md#environment)."""
     return subprocess_env(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

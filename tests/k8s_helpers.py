@@ -146,7 +146,7 @@ def crd_errors(job: dict, crd_path: str | Path) -> list[str]:
 
 def webhook_errors(job: dict) -> list[str]:
     """What the Training Operator v1.9 validating webhook and controller require beyond the
-    schema (shared/spec/kubeflow.md §3.2, §4)."""
+    schema (docs/pytorchjob-contract.md#validation)."""
     errors = []
     name = job.get("metadata", {}).get("name", "")
     if not DNS1035.match(name) or len(name) > 50:

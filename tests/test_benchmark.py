@@ -437,7 +437,7 @@ def test_low_shot_values_are_checked():
         check(cfg)
 
 
-# The §4.2 protocol's path: the trunk runs on freshly augmented crops every epoch, and the kNN bank
+# VISSL's protocol path (docs/vissl-notes.md#linear-evaluation-protocol): the trunk runs on freshly augmented crops every epoch, and the kNN bank
 # is a separate pass over the train split with the TEST transforms.
 STREAMING = [
     "config.MODEL.FEATURE_EVAL_SETTINGS.CACHE_TRAIN_FEATURES=false",

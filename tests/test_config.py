@@ -122,7 +122,8 @@ def test_seed_wide_mlp_heads(capsys, width):
     d = 2048 * width
     patch, image = out["config"]["MODEL"]["HEAD"]["PARAMS"]
     assert patch[0][1]["dims"] == [d, d, 128] and patch[0][1]["use_relu"] is True
-    # What VISSL really trained: its YAML drops use_relu for the image head (spec §1.2).
+    # What VISSL really trained: its YAML drops use_relu for the image head
+    # (docs/vissl-notes.md#mlp-heads).
     assert image == [["mlp", {"dims": [d, d, 128]}]]
     assert out["config"]["MODEL"]["AMP_PARAMS"]["USE_AMP"] is True
     assert out["config"]["OPTIMIZER"]["num_epochs"] == 400
@@ -194,7 +195,7 @@ def test_quick_pirl_at_vissls_name(capsys):
     assert out["derived"]["lr"]["start_value"] == pytest.approx(0.3 * 32 / 256)
     # 4,096 negatives over its 500 images: legal, as in VISSL
     built = config.build(config.compose(["config=test/integration_test/quick_pirl"]))
-    config.derive(built, 1, num_train_samples=500)
+    config.fit_dataset(*config.derive(built, 1), num_train_samples=500)
 
 
 @pytest.mark.parametrize(
@@ -236,7 +237,7 @@ def test_single_module_head_form_builds_the_same_model():
                 ["config=pretrain/npid/npid_demo_resnet18", f"config.MODEL.HEAD.PARAMS={params}"]
             )
         )
-        config.derive(cfg)
+        cfg, _ = config.derive(cfg)
         models.append(build_model(cfg))
     a, b = (m.state_dict() for m in models)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -388,19 +389,21 @@ def test_num_negatives_at_or_above_dataset_size_is_a_warning(caplog):
             ]
         )
     )
+    cfg, derived = config.derive(cfg, 1)
     with caplog.at_level("WARNING", logger="pirl"):
-        derived = config.derive(cfg, 1, num_train_samples=1000)
+        fitted, fitted_derived = config.fit_dataset(cfg, derived, num_train_samples=1000)
     assert "num_negatives=1024 >= the dataset's 1000 samples" in caplog.text
     assert "with replacement" in caplog.text
-    assert any("num_negatives=1024" in n for n in derived.notes)
-    assert cfg.LOSS.nce_loss_with_memory.memory_params.memory_size == 1000
+    assert any("num_negatives=1024" in n for n in fitted_derived.notes)
+    assert fitted.LOSS.nce_loss_with_memory.memory_params.memory_size == 1000
+    assert fitted_derived.num_train_samples == 1000
     caplog.clear()
-    config.derive(cfg, 1, num_train_samples=5000)
+    fitted, _ = config.fit_dataset(cfg, derived, num_train_samples=5000)
     assert "num_negatives" not in caplog.text
-    assert cfg.LOSS.nce_loss_with_memory.memory_params.memory_size == 5000
+    assert fitted.LOSS.nce_loss_with_memory.memory_params.memory_size == 5000
     cfg.LOSS.nce_loss_with_memory.negative_sampling_params.exclude_positive = True
     with pytest.raises(ConfigError, match="exclude_positive needs a dataset of at least 2"):
-        config.derive(cfg, 1, num_train_samples=1)
+        config.fit_dataset(cfg, derived, num_train_samples=1)
 
 
 def test_world_size_mismatch_is_an_error():
@@ -464,3 +467,130 @@ def test_transforms_on_device_accept_the_presets_and_name_what_they_cannot_run()
             ]
         )
     assert "TRANSFORMS_ON_DEVICE" in str(exc.value)
+
+
+def test_derive_is_pure_and_its_notes_survive_the_dataset_step():
+    cfg = config.build(config.compose([BASE, "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=2"]))
+    before = config.dump_yaml(cfg)
+    resolved, derived = config.derive(cfg, 32)
+    assert config.dump_yaml(cfg) == before  # the input is left as it was
+    assert resolved.MODEL.HEAD.PARAMS[0][0][1]["dims"] == [4096, 128]
+    assert any("input 2048 -> 4096" in note for note in derived.notes)
+    fitted, fitted_derived = config.fit_dataset(resolved, derived, 5000)
+    assert resolved.LOSS.nce_loss_with_memory.memory_params.memory_size == -1
+    assert fitted.LOSS.nce_loss_with_memory.memory_params.memory_size == 5000
+    assert derived.notes and set(derived.notes) <= set(fitted_derived.notes)
+
+
+def test_head_input_notes_reach_the_training_log(tmp_path, digits_folder, capsys, monkeypatch):
+    """The derived record load() makes is the one training logs (it used to be re-derived from
+    the already rewritten config, so the rewrite notes were lost); a run derives once."""
+    from .test_train import tiny
+
+    calls = []
+    for name in ("derive", "fit_dataset"):
+        real = getattr(config, name)
+        monkeypatch.setattr(
+            config,
+            name,
+            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k),
+        )
+    args = tiny(tmp_path, digits_folder, "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=2")
+    args += ["config.OPTIMIZER.num_epochs=1", "config.MAX_STEPS=1"]
+    assert train_main(args) == 0
+    assert "input 512 -> 1024 (follows the trunk output)" in capsys.readouterr().out
+    assert calls == ["derive", "fit_dataset"]
+
+
+def test_the_launchers_environment_is_read_by_dist_alone(monkeypatch):
+    """`config.load` used to read WORLD_SIZE itself; the launch is now checked once, by the
+    caller, against the world size `pirl.dist` read."""
+    from pirl import dist
+    from pirl.benchmark import config as bench_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg, derived = config.load(["config=pretrain/pirl/pirl_demo_resnet18"])
+    bench_config.load(
+        ["config=benchmark/linear_image_classification/demo/eval_resnet18_demo_linear"]
+    )
+    _, _, world = dist.launch_env()
+    with pytest.raises(ConfigError, match="the job runs 2 process"):
+        config.check_world_size(cfg, world)
+
+
+def test_vissl_only_keys_are_marked_and_warn_when_set(caplog):
+    import dataclasses
+    import typing
+
+    from pirl.schema import Config
+
+    def marked(cls) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            out += (
+                marked(tp)
+                if dataclasses.is_dataclass(tp)
+                else [f.name] * bool(f.metadata.get("vissl_only"))
+            )
+        return out
+
+    names = marked(Config)
+    assert {"GROUP_SIZE", "AMP_ARGS", "LABEL_SOURCES", "NCCL_DEBUG"} <= set(names)
+    assert len(names) >= 15
+    with caplog.at_level("WARNING", logger="pirl"):
+        config.load(["config=pretrain/pirl/pirl_demo_resnet18"])
+    assert "VISSL key" not in caplog.text  # the defaults and the demo preset set none
+    with caplog.at_level("WARNING", logger="pirl"):
+        config.load(
+            [
+                "config=pretrain/pirl/pirl_demo_resnet18",
+                "config.MODEL.SYNC_BN_CONFIG.GROUP_SIZE=8",
+                "config.MODEL.AMP_PARAMS.AMP_ARGS={opt_level: O2}",
+            ]
+        )
+    lines = [r.getMessage() for r in caplog.records if "VISSL key" in r.getMessage()]
+    assert lines == [
+        "config: config.MODEL.AMP_PARAMS.AMP_ARGS={'opt_level': 'O2'} is a VISSL key that has "
+        "no effect here",
+        "config: config.MODEL.SYNC_BN_CONFIG.GROUP_SIZE=8 is a VISSL key that has no effect here",
+    ]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "config.LOSS.nce_loss_with_memory.memory_params.momentum=1.0",
+            "config.LOSS.nce_loss_with_memory.memory_params.momentum must be in [0, 1), got 1.0",
+        ),
+        (
+            "config.DATA.TRAIN.DATA_SOURCES=[disk_foldr]",
+            "config.DATA.TRAIN.DATA_SOURCES[0]='disk_foldr' is not supported; use one of "
+            "['disk_filelist', 'disk_folder', 'shards', 'synthetic'] (did you mean 'disk_folder'?)",
+        ),
+        ("config.DISTRIBUTED.NUM_NODES=0", "config.DISTRIBUTED.NUM_NODES must be >= 1, got 0"),
+        (
+            "config.OPTIMIZER.weight_decay=-1",
+            "config.OPTIMIZER.weight_decay must be >= 0, got -1.0",
+        ),
+        (
+            "config.DATA.TEST.LABEL_TYPE=labels",
+            "config.DATA.TEST.LABEL_TYPE='labels' is not supported",
+        ),
+    ],
+)
+def test_field_rules_name_the_key_the_value_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load([BASE, override])
+    assert message in str(err.value)
+
+
+def test_every_default_obeys_its_own_rule():
+    from pirl.benchmark.schema import BenchmarkConfig
+    from pirl.fields import check_tree
+    from pirl.schema import Config
+
+    check_tree(Config(), "config")
+    check_tree(BenchmarkConfig(), "config")

@@ -116,7 +116,7 @@ def test_torchrun_two_ranks(tmp_path, digits_folder):
 
 def test_two_nodes_with_the_operators_environment(tmp_path, digits_folder):
     """Master-0 and Worker-0 pods, each `torchrun -m pirl.train ...` with no flags: torchrun reads
-    the PET_* variables the operator injects (spec kubeflow.md §4)."""
+    the PET_* variables the operator injects (docs/pytorchjob-contract.md#environment)."""
     port = free_port()
     procs = []
     for pod_rank in range(2):

@@ -60,8 +60,8 @@ key = st.one_of(
 
 def check(overrides: list[str]) -> None:
     try:
-        cfg, _ = config.load([BASE, *overrides], world_size=None)
-        config.derive(cfg, cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE, 5000)
+        cfg, derived = config.load([BASE, *overrides], world_size=None)
+        config.fit_dataset(cfg, derived, 5000)
     except ConfigError as exc:
         assert str(exc).strip(), "an empty error message"
 

@@ -76,7 +76,7 @@ LAUNCHER_RULES = {
     ("", "events", "list"),
 }
 
-# The seed document's commands (shared/seed/pirl-vissl.rst) beyond the overlays themselves, as the
+# The seed commands (docs/vissl-notes.md#seed-commands) beyond the overlays themselves, as the
 # args one edits: (overlay whose args.yaml to edit, overrides to add or replace).
 SEED_VARIATIONS = {
     "npid-loss": (

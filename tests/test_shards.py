@@ -28,7 +28,9 @@ from pirl.transforms import collate_single_view
 
 from ._images import make_clean_folder
 
-N_TRAIN = 25  # a, b, c with 9 + 8 + 8 images: 2 ranks get 13 each, with one padded sample
+# a, b, c with 9 + 8 + 8 images: 2 ranks of batch 4 get 14 each (13 would leave a last batch of
+# one sample), three of them padded
+N_TRAIN = 25
 
 
 def tiny_transform():
@@ -84,10 +86,11 @@ def test_two_ranks_two_workers_cover_every_index_once_per_epoch(dataset):
         ranks = epoch_by_rank(dataset, epoch=epoch)
         assert [len(r) for r in ranks] == [data.steps_per_epoch] * 2  # no rank hangs at the end
         per_rank = [sum(len(b) for b in r) for r in ranks]
-        assert per_rank == [13, 13]
+        assert per_rank == [14, 14]
+        assert [len(r[-1]) for r in ranks] == [2, 2]  # never a last batch of one sample
         counts = collections.Counter(i for r in ranks for b in r for i in b)
         assert set(counts) == set(range(N_TRAIN))
-        assert sorted(counts.values()) == [1] * (N_TRAIN - 1) + [2]  # one padded sample
+        assert sorted(counts.values()) == [1] * (N_TRAIN - 3) + [2] * 3  # three padded samples
 
 
 def test_same_seed_same_order_other_epoch_or_seed_another(dataset):
@@ -121,7 +124,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(dataset):
                 expected = seeded_transform(tf, images[i], 3, 5, i)
                 assert torch.equal(x, expected)
                 views.setdefault(i, x)
-    assert len(views) == 13
+    assert len(views) == 14  # rank 0 of 2, batch 4: samples_per_rank(25, 2, 4)
     # the map-style path (disk_folder) augments a sample exactly the same way
     samples = AugmentedSamples([(images[i], 0) for i in range(N_TRAIN)], tf, seed=3)
     samples.epoch = 5
@@ -156,7 +159,8 @@ def test_limit_keeps_the_first_samples(dataset):
         for b in indices(loader(dataset, limit=10, world=2, rank=r).batches(0))
         for i in b
     ]
-    assert sorted(got) == list(range(10))
+    # 6 per rank, two of them padding: 5 would leave each rank a last batch of one sample
+    assert set(got) == set(range(10)) and len(got) == 12
 
 
 def test_num_samples_comes_from_the_manifest(dataset, tmp_path):
@@ -203,7 +207,8 @@ def test_a_damaged_sample_is_skipped_unless_there_are_too_many(dataset, tmp_path
     shutil.copytree(dataset, copy)
     damage_one_image(copy / "train/shard-000001.tar", 5)
     got = [i for b in indices(loader(copy, max_bad_fraction=0.1).batches(0)) for i in b]
-    assert sorted(got) == [i for i in range(N_TRAIN) if i != 5]
+    assert sorted(set(got)) == [i for i in range(N_TRAIN) if i != 5]
+    assert len(got) == 25  # 26 planned (no last batch of one sample), less the damaged one
     assert "damaged sample 5" in caplog.text
     with pytest.raises(DataError, match="damaged") as err:
         list(loader(copy, num_workers=2).batches(0))  # the default allows 1%
@@ -261,9 +266,10 @@ def test_plans_tile_the_padded_epoch(n, world, batch, workers):
                 for p in b:
                     k, off = wp.reads[p]
                     seen[sum(counts[: wp.pieces[k].shard]) + off] += 1
-        assert sorted(steps) == list(range(math.ceil(math.ceil(n / world) / batch)))
+        per_rank = plan.samples_per_rank(n, world, batch)
+        assert sorted(steps) == list(range(math.ceil(per_rank / batch)))
     assert set(seen) == set(range(n))
-    assert sum(seen.values()) == world * math.ceil(n / world)
+    assert sum(seen.values()) == world * per_rank
 
 
 # ---------------------------------------------------------------- S3 (moto server on 127.0.0.1)
@@ -294,7 +300,7 @@ def test_the_trainer_opens_shards_through_open_train_data(dataset):
     )
     assert isinstance(data, ShardTrainData)
     assert (data.num_samples, data.steps_per_epoch) == (N_TRAIN, 4)
-    assert sum(len(b) for b in indices(data.batches(0))) == 13
+    assert sum(len(b) for b in indices(data.batches(0))) == 14
 
 
 def test_encoded_mode_hands_over_the_undecoded_images(dataset):
@@ -322,3 +328,28 @@ def test_encoded_mode_hands_over_the_undecoded_images(dataset):
             assert bytes(data.numpy()) == by_index[i]
             image = decode_image(data, mode=ImageReadMode.RGB)
             assert image.shape[0] == 3
+
+
+@pytest.mark.parametrize("world,batch", [(2, 4), (1, 4), (3, 4), (2, 6), (4, 3)])
+def test_shards_and_folders_split_the_same_way_over_ranks(dataset, world, batch):
+    """One per-rank rule (pirl.data.plan) for every source: the same steps and samples per rank,
+    and never a last batch of a single sample (BatchNorm cannot train on one)."""
+    from pirl.data import IndexedTrainData, samples_per_rank
+
+    per_rank = samples_per_rank(N_TRAIN, world, batch)
+    for r in range(world):
+        shards = loader(dataset, rank=r, world=world, batch_size=batch, num_workers=0)
+        got = indices(shards.batches(0))
+        folder = IndexedTrainData(
+            samples=list(range(N_TRAIN)),  # only its length is used for the counts
+            rank=r,
+            world=world,
+            batch_size=batch,
+            drop_last=False,
+            num_workers=0,
+            collate=lambda x: x,
+            seed=0,
+        )
+        assert len(got) == shards.steps_per_epoch == folder.steps_per_epoch
+        assert sum(len(b) for b in got) == per_rank
+        assert len(got[-1]) != 1

@@ -79,7 +79,8 @@ def test_export_by_suffix_and_from_a_model_state_dict(tmp_path):
 
 
 def vissl_checkpoint(trunk: torch.nn.Module) -> dict:
-    """The layout of a VISSL model-zoo checkpoint (spec §6), with the usual extra state."""
+    """The layout of a VISSL model-zoo checkpoint (docs/vissl-notes.md#model-zoo-checkpoints), with the
+    usual extra state."""
     return {
         "phase_idx": 799,
         "iteration": 123,

@@ -8,7 +8,7 @@ import sys
 
 from pirl import dist, storage
 from pirl.benchmark import config
-from pirl.config import override_parser
+from pirl.config import check_world_size, override_parser
 from pirl.entry import run_main, start
 from pirl.errors import PirlError
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     dcfg = cfg.DISTRIBUTED
     env = start(cfg.MACHINE.DEVICE, dcfg.TIMEOUT_SECONDS, dcfg.BACKEND)
-    config.derive(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
+    check_world_size(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
     for note in derived.notes:
         log.info("config: %s", note)
     if env.is_main:

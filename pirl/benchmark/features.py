@@ -8,6 +8,7 @@ no_grad. `frozen_violations` and `state_digest` are the protocol's sanity checks
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -15,10 +16,12 @@ from torch import nn
 from pirl import dist, precision
 from pirl.models import ResNetTrunk
 
+M = TypeVar("M", bound=nn.Module)
+
 INPUT_KEY = "data"
 
 
-def freeze(trunk: nn.Module) -> nn.Module:
+def freeze(trunk: M) -> M:
     trunk.eval()
     for p in trunk.parameters():
         p.requires_grad_(False)

@@ -65,7 +65,8 @@ def build_heads(
     """Heads for the pooled feature shapes (C, h, w) found at run time, and notes where the
     config's in_channels/dims differ from them (they follow the feature, as VISSL asks you to
     set by hand). Each built under `seed`, so every rank starts identical."""
-    notes, heads = [], []
+    notes: list[str] = []
+    heads: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         for i, ((kind, kwargs), shape) in enumerate(zip(params, shapes, strict=True)):
             torch.manual_seed(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,11 @@ def train_heads(
                     lr,
                 )
         mean = dist.all_reduce_mean(sums / max(seen, 1)).tolist()
-        record = {"epoch": epoch, "lr": lr, "loss": dict(zip(names, mean, strict=True))}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "loss": dict(zip(names, mean, strict=True)),
+        }
         history.append(record)
         log.info(
             "linear epoch %d/%d lr %.6f loss %s",

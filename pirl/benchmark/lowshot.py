@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
+from pirl.data import AugmentedSamples, IndexedTrainData, TrainSource
+from pirl.data.folder import ImageSource
 from pirl.errors import ConfigError
 
 
@@ -35,8 +37,8 @@ def per_class_subset(labels: Sequence[int], fraction: float, seed: int) -> list[
 
 def sample_labels(images) -> list[int]:
     """Every sample's label without reading an image (folder, file list, synthetic)."""
-    from pirl.data import FolderImages, SyntheticImages
     from pirl.data.filelist import FileListImages
+    from pirl.data.folder import FolderImages, SyntheticImages
 
     if isinstance(images, FolderImages):
         return [label for _, label in images.folder.samples]
@@ -54,7 +56,7 @@ class SubsetSamples(Dataset):
         self.base, self.chosen = samples, chosen
 
     @property
-    def images(self):
+    def images(self) -> ImageSource:
         return self.base.images
 
     @property
@@ -72,15 +74,16 @@ class SubsetSamples(Dataset):
         return self.base[self.chosen[j]]
 
 
-def low_shot(data, fraction: float, seed: int, source: str):
+def low_shot(data: TrainSource, fraction: float, seed: int, source: str) -> TrainSource:
     """`data` (pirl.data's training contract) restricted to the low-shot subset."""
-    if not hasattr(data, "samples"):
+    if not isinstance(data, IndexedTrainData):
         raise ConfigError(
             f"config.LOW_SHOT.FRACTION={fraction} needs each train sample's label before "
             f"reading it, which DATA_SOURCES=[{source}] does not give: use disk_folder or "
             "disk_filelist, or make the subset a dataset of its own with `pirl prep` from a list "
             "file of the chosen images"
         )
+    assert isinstance(data.samples, AugmentedSamples)  # not already a subset
     n = len(data.samples)
     every = sample_labels(data.samples.images)
     labels = [every[j] for j in data.samples.chosen]  # DATA_LIMIT's subset, in sample order

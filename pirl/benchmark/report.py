@@ -176,9 +176,9 @@ def _health_lines(health: dict | None) -> list[str]:
 
 
 def plot_png(metrics: dict, pretraining: Pretraining) -> bytes:
-    import matplotlib
+    from pirl.extras import need
 
-    matplotlib.use("Agg")
+    need("matplotlib", "report", "the benchmark's report.png").use("Agg")
     from matplotlib import pyplot as plt
 
     fig, (ax_loss, ax_health, ax_acc) = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -189,7 +189,7 @@ def plot_png(metrics: dict, pretraining: Pretraining) -> bytes:
     width = 0.8 / len(present)
     for j, (key, label) in enumerate(present):
         xs = [i + (j - (len(present) - 1) / 2) * width for i in range(len(table))]
-        ys = [cells[key][0] if cells[key] else 0.0 for _, cells in table]
+        ys = [cell[0] if (cell := cells[key]) else 0.0 for _, cells in table]
         bars = ax_acc.bar(xs, ys, width, label=label)
         ax_acc.bar_label(bars, fmt="%.1f", fontsize=7)
     ax_acc.set_xticks(range(len(table)))

@@ -29,7 +29,7 @@ from pirl.benchmark.knn import knn_evaluate, topk_correct
 from pirl.benchmark.linear import CachedTrainFeatures, ProtocolError, train_heads
 from pirl.benchmark.lowshot import low_shot
 from pirl.benchmark.schema import BenchmarkConfig
-from pirl.data import open_train_data
+from pirl.data import TrainSource, open_train_data
 from pirl.errors import ConfigError, DataError
 from pirl.models import ResNetTrunk
 from pirl.schema import DataSplit
@@ -44,9 +44,9 @@ class Context:
     cfg: BenchmarkConfig
     derived: BenchDerived
     env: dist.DistEnv
-    train: Any  # the training data contract of pirl.data (batches, eval_batches, ...)
-    val: Any
-    knn_train: Any  # train split with the TEST transforms (None: kNN off, or the cache serves)
+    train: TrainSource
+    val: TrainSource
+    knn_train: TrainSource | None  # the train split, TEST transforms (None: no kNN, or cached)
     num_classes: int
     names: list[str]
 
@@ -60,14 +60,18 @@ class Context:
         return precision.amp_dtype(self.cfg.MODEL.AMP_PARAMS, self.env.device)
 
 
-def open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):
+def open_split(
+    cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list
+) -> TrainSource:
     data = _open_split(cfg, split, env, transforms)
     if split is cfg.DATA.TRAIN and cfg.LOW_SHOT.FRACTION < 1:
         data = low_shot(data, cfg.LOW_SHOT.FRACTION, cfg.LOW_SHOT.SEED, split.DATA_SOURCES[0])
     return data
 
 
-def _open_split(cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list):
+def _open_split(
+    cfg: BenchmarkConfig, split: DataSplit, env: dist.DistEnv, transforms: list
+) -> TrainSource:
     return open_train_data(
         split,
         build_transform(transforms),
@@ -189,6 +193,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
             pooled = [torch.empty(0, *s, device=device) for s in shapes]
         if ctx.knn_train is None and cfg.KNN.ENABLED:
             knn_bank = (knn_feats, labels)
+        assert pooled is not None  # extract keeps the pooled features unless told not to
         cached = CachedTrainFeatures(
             pooled,
             labels,
@@ -219,6 +224,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
     )
     if cfg.KNN.ENABLED and knn_bank is None:
         log.info("[%s] extracting the kNN bank (train split, TEST transforms)", label)
+        assert ctx.knn_train is not None  # open_data opens it unless the cache serves the bank
         _, knn_feats, labels = extract(
             extractor, ctx.knn_train.eval_batches(), device, ctx.amp, keep_pooled=False
         )
@@ -242,6 +248,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
     result: dict[str, Any] = {"linear": linear, "best_head": best, "linear_train": history}
 
     if cfg.KNN.ENABLED:
+        assert knn_bank is not None
         bank, bank_labels = knn_bank
         empty = torch.empty(0, knn_dim, device=device)
         q = torch.cat(queries) if queries else empty

@@ -1,9 +1,10 @@
 """The benchmark's typed config: VISSL's linear-eval keys, plus a few of ours (marked "ours").
 
 Shared blocks come from `pirl.schema` (DATA, MODEL.TRUNK, OPTIMIZER, DISTRIBUTED, MACHINE), so a
-key means the same in `pirl train` and `pirl benchmark`. The defaults are the §4.2 protocol
-(ImageNet-1K linear eval of a ResNet-50: 28 epochs, multistep LR, nesterov, wd 5e-4, res5 and
-res5avg heads); the presets under `configs/config/benchmark/` set the rest.
+key means the same in `pirl train` and `pirl benchmark`. The defaults are VISSL's linear-eval
+protocol (docs/vissl-notes.md#linear-evaluation-protocol; ImageNet-1K linear eval of a ResNet-50:
+28 epochs, multistep LR, nesterov, wd 5e-4, res5 and res5avg heads); the presets under
+`configs/config/benchmark/` set the rest.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pirl.fields import require, setting
 from pirl.schema import (
     AmpParams,
     AutoLRScaling,
@@ -26,6 +28,7 @@ from pirl.schema import (
     Trunk,
 )
 
+FEATURES = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -49,11 +52,12 @@ def _test_transforms() -> list[Any]:
 
 
 def _data() -> Data:
-    common = {"BATCHSIZE_PER_REPLICA": 32, "LABEL_TYPE": "standard"}
-    return Data(
-        TRAIN=DataSplit(SPLIT="train", TRANSFORMS=_train_transforms(), **common),
-        TEST=DataSplit(SPLIT="val", TRANSFORMS=_test_transforms(), **common),
-    )
+    def split(name: str, transforms: list[Any]) -> DataSplit:
+        return DataSplit(
+            SPLIT=name, TRANSFORMS=transforms, BATCHSIZE_PER_REPLICA=32, LABEL_TYPE="standard"
+        )
+
+    return Data(TRAIN=split("train", _train_transforms()), TEST=split("val", _test_transforms()))
 
 
 @dataclass
@@ -64,7 +68,8 @@ class WeightsInit:
     # either layout (classy_state_dict -> base_model -> model -> trunk, or the converted models'
     # top-level model_state_dict; `_feature_blocks.` keys), with no conversion step.
     PARAMS_FILE: str = ""
-    STATE_DICT_KEY_NAME: str = "classy_state_dict"  # VISSL's; the format is detected, not read
+    # VISSL's; the format is detected, not read
+    STATE_DICT_KEY_NAME: str = setting("classy_state_dict", vissl_only=True)
 
 
 def _pool_ops() -> list[Any]:
@@ -81,8 +86,15 @@ class FeatureEvalSettings:
     LINEAR_EVAL_FEAT_POOL_OPS_MAP: list[Any] = field(default_factory=_pool_ops)
     # ours: run the trunk over the train split once (with DATA.TRAIN.TRANSFORMS) and train the
     # heads on those features every epoch. For small sets with deterministic transforms (the
-    # demo); the §4.2 protocol (false) runs the trunk on freshly augmented crops every epoch.
+    # demo); VISSL's protocol (false) runs the trunk on freshly augmented crops every epoch.
     CACHE_TRAIN_FEATURES: bool = False
+
+    def check(self, path: str) -> None:
+        require(
+            self.EVAL_MODE_ON and self.FREEZE_TRUNK_ONLY,
+            f"{path}.EVAL_MODE_ON and FREEZE_TRUNK_ONLY must be true: the benchmark evaluates a "
+            "frozen trunk (fine-tuning is not supported)",
+        )
 
 
 def _heads() -> Head:
@@ -138,20 +150,28 @@ def _optimizer() -> Optimizer:
 class Knn:  # ours: weighted kNN on L2-normalised features (NPID, Wu et al. 2018)
     ENABLED: bool = True
     K: list[int] = field(default_factory=lambda: [20, 200])
-    TEMPERATURE: float = 0.07  # votes weighted by exp(cosine / T)
-    FEATURE: str = "res5avg"  # conv1 | res2 | res3 | res4 | res5 | res5avg (flattened)
+    TEMPERATURE: float = setting(0.07, gt=0)  # votes weighted by exp(cosine / T)
+    FEATURE: str = setting("res5avg", choices=FEATURES)  # res5avg and the others flattened
+
+    def check(self, path: str) -> None:
+        require(
+            len(self.K) >= 1 and all(isinstance(v, int) and v >= 1 for v in self.K),
+            f"{path}.K must be a non-empty list of positive integers, got {self.K}",
+        )
 
 
 @dataclass
 class LowShot:  # ours: VISSL's 1% / 10% benchmarks as a seeded per-class fraction (lowshot.py)
-    FRACTION: float = 1.0  # of each class of the train split kept for the heads and kNN bank
+    FRACTION: float = setting(
+        1.0, gt=0, le=1
+    )  # of each class of the train split kept for the heads and kNN bank
     SEED: int = 0  # which images: the same for a given (SEED, class) on every rank and run
 
 
 @dataclass
 class BenchmarkConfig:
-    VERBOSE: bool = False
-    LOG_FREQUENCY: int = 100  # steps between log lines of the linear training
+    VERBOSE: bool = setting(False, vissl_only=True)
+    LOG_FREQUENCY: int = setting(100, ge=1)  # steps between log lines of the linear training
     SEED_VALUE: int = 0
     MACHINE: Machine = field(default_factory=Machine)
     DATA: Data = field(default_factory=_data)

@@ -1,278 +1,92 @@
-"""Training data: a source of (PIL image, class label) by sample index, split over ranks.
+"""Training data: a source of (image, class label) by sample index, split over ranks.
 
-Sources (config DATA.TRAIN.DATA_SOURCES):
+Sources (config DATA.TRAIN.DATA_SOURCES), each opened by `open_train_data` as a `TrainSource`:
 - `disk_folder`: an ImageFolder tree on local disk (class sub-folders), VISSL's default;
 - `disk_filelist`: VISSL's .npy lists of image paths and labels (pirl/data/filelist.py);
 - `shards`: a dataset written by `pirl prep` (tar shards + manifest), on any fsspec URL;
 - `synthetic`: deterministic random images, for benchmarks and smoke tests.
 
 Every source yields each sample index 0..N-1 once per epoch across all ranks (the last ranks pad
-by wrapping, so every rank runs the same number of steps) in an order fixed by (seed, epoch), and
-the augmentation of a sample depends only on (seed, epoch, index): a run resumed mid-epoch sees
-exactly the batches an uninterrupted run would.
+by wrapping, so every rank runs the same number of steps, and a rank's last batch never holds a
+single sample: pirl.data.plan.samples_per_rank) in an order fixed by (seed, epoch), and the
+augmentation of a sample depends only on (seed, epoch, index) (pirl.data.seeding): a run resumed
+mid-epoch sees exactly the batches an uninterrupted run would.
+
+The modules, by side:
+- read side: folder.py (folder, file list, synthetic: read by index), filelist.py, shards.py
+  (streaming over `pirl prep` shards) with shardio.py (shard download and local cache), plan.py
+  (which samples each rank and worker reads), seeding.py;
+- write side, used by `pirl prep` and the demo: sources.py (listing prep's inputs), demo.py and
+  shapes.py (the demo datasets);
+- the format both sides share: manifest.py (manifest.json), tarshard.py (pack/unpack a shard),
+  clean.py (image checks: `clean` normalises at prep time, `check_pixels` guards every read).
 """
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import Protocol
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-
-from pirl.data.clean import BadImage, check_pixels
-from pirl.errors import DataError
+from pirl.data.folder import (
+    AugmentedSamples,
+    FolderImages,
+    IndexedTrainData,
+    SyntheticImages,
+    data_path,
+    limited_subset,
+    open_images,
+)
+from pirl.data.plan import rank_indices, samples_per_rank
+from pirl.data.seeding import sample_seed, seeded_transform
 from pirl.schema import DataSplit
 
-
-class SyntheticImages(Dataset):
-    """`n` random RGB images of side `size`, the same for a given index on every call."""
-
-    def __init__(self, n: int, size: int, num_classes: int = 10):
-        self.n, self.size, self.num_classes = n, size, num_classes
-        self.classes = [str(c) for c in range(num_classes)]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        g = torch.Generator().manual_seed(i)
-        arr = torch.randint(
-            0, 256, (self.size, self.size, 3), generator=g, dtype=torch.uint8
-        ).numpy()
-        return Image.fromarray(arr), i % self.num_classes
-
-    def encoded(self, i: int) -> tuple[torch.Tensor, int]:
-        """Already decoded: the image as a uint8 CHW tensor (for TRANSFORMS_ON_DEVICE)."""
-        image, label = self[i]
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), label
+__all__ = [
+    "AugmentedSamples",
+    "FolderImages",
+    "IndexedTrainData",
+    "SyntheticImages",
+    "TrainSource",
+    "limited_subset",
+    "open_images",
+    "open_train_data",
+    "rank_indices",
+    "sample_seed",
+    "samples_per_rank",
+    "seeded_transform",
+]
 
 
-class FolderImages(Dataset):
-    """A local ImageFolder tree (root/<class>/<image>), in torchvision's sorted order."""
-
-    def __init__(self, root: str):
-        from torchvision.datasets import ImageFolder
-
-        if root.startswith("file://"):
-            root = root[len("file://") :]
-        if "://" in root:
-            raise DataError(
-                f"DATA_SOURCES=[disk_folder] reads a local folder, got the URL {root!r}; "
-                "make a sharded dataset with `pirl prep` and use DATA_SOURCES=[shards] for object stores"
-            )
-        try:
-            self.folder = ImageFolder(root)
-        except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"cannot read the image folder {root!r}: {exc}") from None
-        self.classes = self.folder.classes
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def encoded(self, i: int) -> tuple[torch.Tensor, int]:
-        """The file's bytes, undecoded (for TRANSFORMS_ON_DEVICE: decoded on the device)."""
-        path, label = self.folder.samples[i]
-        try:
-            with open(path, "rb") as f:
-                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label
-        except OSError as exc:
-            raise DataError(f"cannot read {path}: {exc}") from None
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        path, label = self.folder.samples[i]
-        try:
-            with Image.open(path) as img:
-                check_pixels(img, path)
-                return img.convert("RGB"), label
-        except (OSError, ValueError, Image.DecompressionBombError, BadImage) as exc:
-            # A folder is read as is (no prep report): name the file and stop; `pirl prep`
-            # skips and lists such files instead.
-            raise DataError(
-                f"cannot decode {path}: {exc}; fix or remove it, or use `pirl prep`"
-            ) from None
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
-
-
-def seeded_transform(transform: Callable, image, seed: int, epoch: int, index: int):
-    """transform(image) with Python's and torch's CPU RNGs seeded by (seed, epoch, index) and
-    restored afterwards: the views depend on the sample, never on the worker or the resume point.
-    (`torch.manual_seed` would also seed every accelerator backend, ~1 ms per sample.)"""
-    s = sample_seed(seed, epoch, index)
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(s)
-        torch.default_generator.manual_seed(s)
-        views = transform(image)
-    random.setstate(py_state)
-    return views
-
-
-class AugmentedSamples(Dataset):
-    """(transform(image), sample index, label), with the augmentation seeded by (seed, epoch, index);
-    or, `encoded`, (the image undecoded, index, label) for augmentation on the training device."""
-
-    def __init__(
-        self,
-        images: Dataset,
-        transform: Callable | None,
-        seed: int,
-        limit: int = -1,
-        encoded: bool = False,
-        limit_seed: int = 0,
-    ):
-        self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
-        self.chosen = limited_subset(len(images), limit, limit_seed)
-        self.n = len(self.chosen)
-        self.encoded = encoded
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        """Sample i (the memory-bank row) is image `chosen[i]` of the source."""
-        if self.encoded:
-            data, label = self.images.encoded(self.chosen[i])
-            return data, i, label
-        image, label = self.images[self.chosen[i]]
-        return seeded_transform(self.transform, image, self.seed, self.epoch, i), i, label
-
-
-def limited_subset(total: int, limit: int, seed: int) -> list[int]:
-    """DATA_LIMIT: `limit` of the `total` images drawn at random (seeded by DATA_LIMIT_SAMPLING.SEED),
-    in source order; all of them when limit < 0. Never the first `limit` (a class-ordered source
-    would give the first classes only)."""
-    if limit < 0 or limit >= total:
-        return list(range(total))
-    return sorted(random.Random(f"pirl-data-limit:{seed}").sample(range(total), limit))
-
-
-def samples_per_rank(n: int, world: int, batch_size: int) -> int:
-    """ceil(n / world), plus one when that would leave a last batch of a single sample (BatchNorm
-    cannot train on one sample). Every rank runs the same number of steps."""
-    per_rank = math.ceil(n / world)
-    if per_rank > 1 and per_rank % batch_size == 1:
-        per_rank += 1
-    return per_rank
-
-
-def rank_indices(
-    n: int, rank: int, world: int, seed: int, epoch: int, batch_size: int = 0
-) -> list[int]:
-    """This rank's sample indices for `epoch`: a (seed, epoch) permutation, padded by wrapping to
-    `samples_per_rank` x `world`, dealt round-robin (rank r takes r, r + world, ...)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = samples_per_rank(n, world, batch_size) if batch_size else math.ceil(n / world)
-    while len(order) < per_rank * world:
-        order += order[: per_rank * world - len(order)]
-    return order[rank::world]
-
-
-@dataclass
-class TrainData:
-    """A training source split over ranks; `batches(epoch, start_step)` iterates collated batches."""
-
-    samples: AugmentedSamples
-    rank: int
-    world: int
-    batch_size: int
-    drop_last: bool
-    num_workers: int
-    collate: Callable
-    seed: int
-    pin_memory: bool = False
+class TrainSource(Protocol):
+    """What the trainer and the benchmark read from every source, for one rank."""
 
     @property
     def num_samples(self) -> int:
-        return len(self.samples)
+        """N: the sample indices are 0..N-1 (the memory bank has one row per sample)."""
+        ...
 
     @property
     def classes(self) -> list[str]:
-        return list(getattr(self.samples.images, "classes", []))
+        """Class names, by label ([] when the source has none)."""
+        ...
 
     @property
     def steps_per_epoch(self) -> int:
-        per_rank = samples_per_rank(self.num_samples, self.world, self.batch_size)
-        return (
-            per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-        )
+        """Batches per epoch, the same on every rank."""
+        ...
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        """Shuffled by (seed, epoch), padded: every rank yields `steps_per_epoch` batches."""
-        self.samples.epoch = epoch
-        indices = rank_indices(
-            self.num_samples, self.rank, self.world, self.seed, epoch, self.batch_size
-        )
-        indices = indices[: self.steps_per_epoch * self.batch_size][start_step * self.batch_size :]
-        return self._loader(indices)
+        """This rank's batches start_step.. of `epoch`, shuffled by (seed, epoch), padded: each a
+        collated dict with "index" (sample indices) and "label" beside the views."""
+        ...
 
     def eval_batches(self) -> Iterator[dict]:
-        """Every sample exactly once over all ranks (rank r takes r, r+world, ...), in index order,
-        no padding: rank counts differ by at most one."""
-        return self._loader(list(range(self.rank, self.num_samples, self.world)))
-
-    def _loader(self, indices: list[int]) -> Iterator[dict]:
-        if not indices:
-            return iter(())
-        loader = DataLoader(
-            self.samples,
-            batch_size=self.batch_size,
-            sampler=indices,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            pin_memory=self.pin_memory,
-            drop_last=False,
-            persistent_workers=False,
-            multiprocessing_context="fork" if self.num_workers > 0 else None,
-        )
-        return iter(loader)
-
-
-def open_images(split: DataSplit) -> Dataset:
-    """A map-style image source (disk_folder, disk_filelist or synthetic); raises DataError when
-    unusable."""
-    source = split.DATA_SOURCES[0]
-    if source == "synthetic":
-        return SyntheticImages(split.SYNTHETIC_NUM_SAMPLES, split.SYNTHETIC_IMAGE_SIZE)
-    path = _data_path(split)
-    if source == "disk_filelist":
-        from pirl.data.filelist import FileListImages
-
-        images = FileListImages(
-            path,
-            split.LABEL_PATHS[0] if split.LABEL_PATHS else "",
-            mmap=split.MMAP_MODE,
-            remove_prefix=split.REMOVE_IMG_PATH_PREFIX,
-            new_prefix=split.NEW_IMG_PATH_PREFIX,
-        )
-        if len(images) == 0:
-            raise DataError(f"the image list {path!r} is empty")
-        return images
-    images = FolderImages(path)
-    if len(images) == 0:
-        raise DataError(f"the image folder {path!r} has no images")
-    return images
-
-
-def _data_path(split: DataSplit) -> str:
-    if not split.DATA_PATHS:
-        raise DataError(
-            "DATA_PATHS is empty: give the dataset location, e.g. "
-            "config.DATA.TRAIN.DATA_PATHS=[/data/imagenet/train] (disk_folder) or [s3://bucket/imagenet] (shards)"
-        )
-    return split.DATA_PATHS[0]
+        """Every sample exactly once over all ranks, no padding (rank counts differ by <= 1)."""
+        ...
 
 
 def open_train_data(
     split: DataSplit,
-    transform: Callable,
+    transform: Callable | None,
     collate: Callable,
     *,
     rank: int,
@@ -281,15 +95,15 @@ def open_train_data(
     num_workers: int,
     pin_memory: bool = False,
     encoded: bool = False,
-):
-    """The training data for this rank: `.num_samples`, `.steps_per_epoch`, `.classes`,
-    `.batches(epoch, start_step)`; the same contract for every source. `encoded`: samples are
-    the undecoded images (transform unused), for decoding and augmenting on the device."""
+) -> TrainSource:
+    """This rank's training data, the same `TrainSource` contract for every source. `encoded`:
+    samples are the undecoded images (transform unused), for decoding and augmenting on the
+    device."""
     if split.DATA_SOURCES[0] == "shards":
         from pirl.data.shards import ShardTrainData
 
         return ShardTrainData(
-            _data_path(split),
+            data_path(split),
             split=split.SPLIT,
             transform=transform,
             collate=collate,
@@ -313,7 +127,7 @@ def open_train_data(
         encoded,
         limit_seed=split.DATA_LIMIT_SAMPLING.SEED,
     )
-    return TrainData(
+    return IndexedTrainData(
         samples,
         rank,
         world,

@@ -60,7 +60,7 @@ def clean(raw: bytes, params: CleanParams) -> Cleaned:
     changes: list[str] = []
     img = _upright(img, changes)
     img = _to_rgb(img, changes)
-    resized = bool(params.resize) and min(stored_size) > params.resize
+    resized = params.resize is not None and 0 < params.resize < min(stored_size)
     if params.resize and min(img.size) > params.resize:
         scale = params.resize / min(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))

@@ -18,9 +18,9 @@ from PIL import Image
 
 def write_digits_folder(root: str, size: int = 64, val_every: int = 6) -> tuple[str, str]:
     """Write the digits as ImageFolder trees; returns (train_dir, val_dir). Idempotent."""
-    from sklearn.datasets import load_digits
+    from pirl.extras import need
 
-    digits = load_digits()
+    digits = need("sklearn.datasets", "demo", "the digits demo set").load_digits()
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         split_dir = val_dir if i % val_every == val_every - 1 else train_dir
@@ -29,7 +29,7 @@ def write_digits_folder(root: str, size: int = 64, val_every: int = 6) -> tuple[
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         grey = Image.fromarray((np.asarray(img) * (255.0 / 16.0)).astype(np.uint8), mode="L")
-        grey.resize((size, size), Image.BICUBIC).convert("RGB").save(path)
+        grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB").save(path)
     return train_dir, val_dir
 
 

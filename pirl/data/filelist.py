@@ -2,14 +2,14 @@
 
     config.DATA.TRAIN.DATA_SOURCES=[disk_filelist]
     config.DATA.TRAIN.DATA_PATHS=[/data/in1k/train_images.npy]
-    config.DATA.TRAIN.LABEL_SOURCES=[disk_filelist]              # for labelled use (benchmark)
-    config.DATA.TRAIN.LABEL_PATHS=[/data/in1k/train_labels.npy]
+    config.DATA.TRAIN.LABEL_PATHS=[/data/in1k/train_labels.npy]  # for labelled use (benchmark)
 
 The lists are what VISSL's `extra_scripts/create_*_data_files.py` write: `np.save` of the image
 paths (strings) and of the integer labels, index i of one matching index i of the other. Paths
 and the lists themselves may be fsspec URLs; REMOVE_IMG_PATH_PREFIX / NEW_IMG_PATH_PREFIX rewrite
 each path's prefix, as in VISSL, for lists made on another machine. Arrays are loaded without
 pickle: a list saved as an object array must be re-saved as strings (`np.array(paths, dtype=str)`).
+VISSL's LABEL_SOURCES is not read: LABEL_PATHS alone says where the labels are.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Pure arithmetic on the manifest's shard sizes, no I/O, so every process computes
 and a test can check it without images. For epoch e with seed s:
 
 1. The shards are shuffled by (s, e) and laid end to end: the epoch's *stream* of N samples.
-2. The stream is padded by wrapping to world * ceil(N / world) positions and cut into `world`
-   contiguous runs: rank r reads only the shards overlapping its run (plus the wrapped head for
-   the last ranks), and every rank gets the same number of samples.
+2. The stream is padded by wrapping to world * samples_per_rank positions (ceil(N / world), one
+   more when that would leave a last batch of a single sample) and cut into `world` contiguous
+   runs: rank r reads only the shards overlapping its run (plus the wrapped head for the last
+   ranks), and every rank gets the same number of samples.
 3. A rank's run is cut into its batches (steps_per_epoch of them; the last may be short, or the
    tail is dropped with drop_last). Batch b belongs to logical worker b mod W, and each logical
    worker's batches are again one contiguous piece of the run, so workers read disjoint shards.
@@ -25,6 +26,8 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,27 @@ class WorkerPlan:
     reads: list[tuple[int, int]]  # the read sequence: (piece number, offset within the shard)
     batches: list[list[int]]  # each batch as positions in `reads`, in output order
     batch_ids: list[int]  # the rank-level step number of each batch
+
+
+def samples_per_rank(n: int, world: int, batch_size: int) -> int:
+    """ceil(n / world), plus one when that would leave a last batch of a single sample (BatchNorm
+    cannot train on one sample). Every rank of every source runs the same number of steps."""
+    per_rank = math.ceil(n / world)
+    if per_rank > 1 and per_rank % batch_size == 1:
+        per_rank += 1
+    return per_rank
+
+
+def rank_indices(
+    n: int, rank: int, world: int, seed: int, epoch: int, batch_size: int = 0
+) -> list[int]:
+    """A map-style source's indices for `rank` in `epoch`: a (seed, epoch) permutation, padded by
+    wrapping to `samples_per_rank` x `world`, dealt round-robin (rank r takes r, r + world, ...)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = samples_per_rank(n, world, batch_size) if batch_size else math.ceil(n / world)
+    while len(order) < per_rank * world:
+        order += order[: per_rank * world - len(order)]
+    return order[rank::world]
 
 
 def steps_per_epoch(per_rank: int, batch_size: int, drop_last: bool) -> int:
@@ -90,7 +114,8 @@ def interleave(lengths: list[int], width: int) -> list[tuple[int, int]]:
     """Round-robin over up to `width` open pieces; a finished piece is replaced by the next one.
     Returns (piece number, ordinal within the piece) in reading order."""
     out: list[tuple[int, int]] = []
-    nxt, active = 0, []  # active: [piece, ordinal]
+    nxt = 0
+    active: list[list[int]] = []  # [piece, ordinal]
     while nxt < len(lengths) or active:
         while len(active) < max(1, width) and nxt < len(lengths):
             if lengths[nxt] > 0:
@@ -179,8 +204,7 @@ def train_plan(
     buffer: int,
 ) -> WorkerPlan:
     """Steps 1-4 of the module docstring for one (rank, logical worker)."""
-    n = sum(counts)
-    per_rank = math.ceil(n / world)
+    per_rank = samples_per_rank(sum(counts), world, batch_size)
     stream = [(k, counts[k]) for k in shard_order(len(counts), seed, epoch) if counts[k] > 0]
     rng = random.Random(f"pirl-buffer/{seed}/{epoch}/{rank}/{worker}")
     return plan_worker(

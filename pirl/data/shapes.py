@@ -80,7 +80,7 @@ def render(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
     grey = rng.uniform(20, 90) if dark else rng.uniform(165, 235)
     background = grey + rng.normal(0, 10, (size, size, 1)).repeat(3, axis=2)
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8)).resize(
-        (big, big), Image.BILINEAR
+        (big, big), Image.Resampling.BILINEAR
     )
     value = rng.uniform(0.75, 1.0) if dark else rng.uniform(0.15, 0.45)
     rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.3, 1.0), value)
@@ -95,7 +95,7 @@ def render(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=int(0.42 * r))
     else:
         draw.polygon(_polygon(kind, cx, cy, r, angle), fill=fill)
-    return image.resize((size, size), Image.LANCZOS)
+    return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def sample(seed: int, split: str, index: int, size: int = 64) -> tuple[Image.Image, int]:

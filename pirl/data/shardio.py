@@ -61,7 +61,8 @@ class ShardStream:
                     cache_dir, f".{shard.sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
                 )
         self._fs, self._path = storage.fs_and_path(source_url)
-        self._chunk, self._queue = chunk, queue.Queue(maxsize=depth)
+        self._chunk = chunk
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._buf, self._off, self._eof = b"", 0, False
         self._thread = threading.Thread(target=self._fetch, name=f"shard {shard.name}", daemon=True)

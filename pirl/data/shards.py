@@ -1,6 +1,6 @@
 """The trainer's streaming loader over a `pirl prep` dataset (tar shards + manifest, any fsspec URL).
 
-Same contract as pirl.data.TrainData (see pirl.data): each rank yields `steps_per_epoch` batches
+The `pirl.data.TrainSource` contract: each rank yields `steps_per_epoch` batches
 per epoch, every sample index at least once per epoch over all ranks and at most once apart from
 the wrap-around padding, in an order fixed by (seed, epoch), and `batches(epoch, k)` yields exactly
 the batches k.. of `batches(epoch, 0)`. How the work is split is in pirl.data.plan: a rank reads only
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,8 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pirl import storage
 from pirl.data import manifest as mf
-from pirl.data import plan, seeded_transform
+from pirl.data import plan
 from pirl.data.clean import check_pixels
+from pirl.data.seeding import seeded_transform
 from pirl.data.shardio import ShardStream
 from pirl.data.tarshard import Damaged, Record, unpack
 from pirl.errors import DataError, PirlError
@@ -51,7 +51,7 @@ class _Reader:
 
     root: str
     shards: list[mf.Shard]
-    transform: Callable
+    transform: Callable | None  # None: `encoded` samples
     collate: Callable
     seed: int
     max_bad_fraction: float
@@ -113,6 +113,7 @@ class _Reader:
                 image = img.convert("RGB")
         except Exception:
             return None
+        assert self.transform is not None, "a transform is needed unless the samples are encoded"
         return (
             seeded_transform(self.transform, image, self.seed, epoch, rec.index),
             rec.index,
@@ -187,7 +188,7 @@ class _PieceReader:
 
     def __init__(self, stream: ShardStream, shard: mf.Shard, root: str):
         self.stream, self.shard, self.root = stream, shard, root
-        self.items = unpack(stream)
+        self.items = unpack(stream)  # type: ignore[arg-type]  # file-like: what tarfile reads
         self.pending: tuple[int, Record | None] | None = None
         self.last_offset = -1
 
@@ -198,6 +199,7 @@ class _PieceReader:
                 return None  # the shard ended early
             if isinstance(item, Damaged) and item.index is None:
                 continue  # the gap it leaves is found from the next sample's index
+            assert item.index is not None
             o = item.index - self.shard.first_index
             if not 0 <= o < self.shard.num_samples or o <= self.last_offset:
                 raise DataError(
@@ -281,14 +283,14 @@ class _EpochStream(IterableDataset):
 
 
 class ShardTrainData:
-    """A `pirl prep` dataset split over ranks; the same interface as pirl.data.TrainData."""
+    """A `pirl prep` dataset split over ranks: the `pirl.data.TrainSource` contract."""
 
     def __init__(
         self,
         url: str,
         *,
         split: str = "train",
-        transform: Callable,
+        transform: Callable | None,
         collate: Callable,
         rank: int = 0,
         world: int = 1,
@@ -356,7 +358,7 @@ class ShardTrainData:
 
     @property
     def steps_per_epoch(self) -> int:
-        per_rank = math.ceil(self.num_samples / self.world)
+        per_rank = plan.samples_per_rank(self.num_samples, self.world, self.batch_size)
         return plan.steps_per_epoch(per_rank, self.batch_size, self.drop_last)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:

@@ -169,7 +169,8 @@ def _split_off(inputs: list[Input], fraction: float, seed: int) -> tuple[list[In
     by_class: dict[int, list[Input]] = {}
     for x in inputs:
         by_class.setdefault(x.label, []).append(x)
-    train, val = [], []
+    train: list[Input] = []
+    val: list[Input] = []
     for label, items in sorted(by_class.items()):
         n_val = round(fraction * len(items))
         chosen = set(random.Random(f"pirl-val/{seed}/{label}").sample(range(len(items)), n_val))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -50,12 +50,13 @@ def pack(records: Iterable[Record]) -> bytes:
     return buf.getvalue()
 
 
-def unpack(stream: BinaryIO) -> Iterator[Record | Damaged]:
+def unpack(stream: BinaryIO) -> Generator[Record | Damaged, None, None]:
     """Samples in archive order, read sequentially (tar mode 'r|': no seeking, any stream).
 
     A sample with a missing or unparseable member is yielded as Damaged; an archive that cannot
     be read further (truncated, garbled header) ends with one Damaged(None, ...)."""
-    group_key, members = None, {}
+    group_key: str | None = None
+    members: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for m in tar:
@@ -67,7 +68,9 @@ def unpack(stream: BinaryIO) -> Iterator[Record | Damaged]:
                     yield _parse(members)
                     members = {}
                 group_key = k
-                members[ext] = tar.extractfile(m).read()
+                member = tar.extractfile(m)
+                assert member is not None  # a regular file always has one
+                members[ext] = member.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
         if members:  # the sample being read when the archive broke: complete, or Damaged
             yield _parse(members)

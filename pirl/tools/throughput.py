@@ -112,12 +112,12 @@ class Timer:
 
 def build(overrides: list[str], env: dist.DistEnv):
     """What the trainer builds (pirl.train's own functions), on synthetic data by default."""
-    cfg, _ = config.load(overrides, world_size=env.world_size)
+    cfg, derived = config.load(overrides, world_size=env.world_size)
     split = cfg.DATA.TRAIN
     k = cfg.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives
     split.SYNTHETIC_NUM_SAMPLES = max(split.SYNTHETIC_NUM_SAMPLES, k + 1)
     data = train.open_data(cfg, env)
-    derived = config.derive(cfg, env.world_size, data.num_samples)
+    cfg, derived = config.fit_dataset(cfg, derived, data.num_samples)
     training = train.build_training(cfg, env, data.num_samples, lr=0.01)
     training.criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
     return cfg, derived, data, training

@@ -5,7 +5,7 @@
 
 Compares, on generated images (`digits`: scikit-learn digits upscaled to --image-size px, PNG;
 `photos`: 500x375 JPEGs of smooth colour fields with fine noise, ImageNet-like decode cost):
-- `disk_folder`: the ImageFolder read directly (pirl.data.TrainData),
+- `disk_folder`: the ImageFolder read directly (pirl.data.IndexedTrainData),
 - `shards (local)`: `pirl prep` shards on local disk (pirl.data.shards.ShardTrainData),
 - `shards (S3)`: the same shards on a local S3 server (moto, started here on 127.0.0.1),
 - `shards (S3 + cache)`: the same, second pass, served from a local cache folder,
