@@ -39,6 +39,7 @@ TRUNK_DEPTHS = {
     200: "bottleneck",
 }
 WIDTH_MULTIPLIERS = (1, 2, 3, 4)
+TRUNK_INITS = ("pytorch_default", "kaiming_fan_out")  # see pirl.models.ResNetTrunk
 HEAD_MODULES = {
     "mlp": {"dims", "use_bn", "use_relu", "use_dropout", "use_bias", "skip_last_layer_relu_bn"},
     "siamese_concat_view": {"num_towers"},
@@ -305,6 +306,7 @@ def check(cfg: Config) -> None:
         f"{rp}.GROUPS/WIDTH_PER_GROUP (ResNeXt) need a bottleneck depth (50/101/152/200), got DEPTH={r.DEPTH}",
     )
     _one_of(f"{rp}.LAYER4_STRIDE", r.LAYER4_STRIDE, (1, 2))
+    _one_of(f"{rp}.INIT", r.INIT, TRUNK_INITS)
     _one_of(
         f"{c}.MODEL.AMP_PARAMS.AMP_DTYPE", cfg.MODEL.AMP_PARAMS.AMP_DTYPE, ("bfloat16", "float16")
     )

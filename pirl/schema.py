@@ -108,6 +108,9 @@ class ResNets:
     WIDTH_PER_GROUP: int = 64
     ZERO_INIT_RESIDUAL: bool = False
     LAYER4_STRIDE: int = 2
+    # ours: pytorch_default (VISSL's trunk: PyTorch's own layer init) | kaiming_fan_out
+    # (torchvision's ResNet init); see pirl.models.ResNetTrunk
+    INIT: str = "pytorch_default"
 
 
 @dataclass

@@ -56,6 +56,7 @@ def check(cfg: BenchmarkConfig) -> None:
     _one_of(f"{rp}.WIDTH_MULTIPLIER", r.WIDTH_MULTIPLIER, base.WIDTH_MULTIPLIERS)
     _one_of(f"{rp}.NORM", r.NORM, ("BatchNorm",))
     _one_of(f"{rp}.LAYER4_STRIDE", r.LAYER4_STRIDE, (1, 2))
+    _one_of(f"{rp}.INIT", r.INIT, base.TRUNK_INITS)
     _require(
         base.TRUNK_DEPTHS[r.DEPTH] == "bottleneck" or (r.GROUPS == 1 and r.WIDTH_PER_GROUP == 64),
         f"{rp}.GROUPS/WIDTH_PER_GROUP (ResNeXt) need a bottleneck depth (50/101/152/200)",

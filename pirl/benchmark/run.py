@@ -109,6 +109,7 @@ def build_trunk(cfg: BenchmarkConfig) -> ResNetTrunk:
             r.WIDTH_PER_GROUP,
             r.ZERO_INIT_RESIDUAL,
             r.LAYER4_STRIDE,
+            r.INIT,
         )
 
 
