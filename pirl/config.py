@@ -430,6 +430,28 @@ def check(cfg: Config) -> None:
     )
     _require(cfg.CHECKPOINT.DIR != "", f"{c}.CHECKPOINT.DIR must not be empty")
     _require(cfg.LOG_FREQUENCY >= 1, f"{c}.LOG_FREQUENCY must be >= 1")
+    check_tensorboard(cfg.HOOKS.TENSORBOARD_SETUP, f"{c}.HOOKS.TENSORBOARD_SETUP")
+
+
+def check_tensorboard(tb, tp: str) -> None:
+    """VISSL's HOOKS.TENSORBOARD_SETUP (pretraining and benchmark alike)."""
+    _require(tb.FLUSH_EVERY_N_MIN > 0, f"{tp}.FLUSH_EVERY_N_MIN must be > 0 (minutes)")
+    _require(
+        tb.LOG_PARAMS_EVERY_N_ITERS == -1 or tb.LOG_PARAMS_EVERY_N_ITERS >= 1,
+        f"{tp}.LOG_PARAMS_EVERY_N_ITERS must be >= 1, or -1 (at epoch ends only)",
+    )
+    _require(
+        tb.EXPERIMENT_LOG_DIR != "" and tb.LOG_DIR != "",
+        f"{tp}.LOG_DIR and EXPERIMENT_LOG_DIR must not be empty",
+    )
+    if tb.USE_TENSORBOARD:
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("tensorboard") is not None,
+            f"{tp}.USE_TENSORBOARD=true needs the tensorboard package: pip install "
+            "'pirl[tensorboard]' (or set it to false)",
+        )
 
 
 def check_data_limit(d, dp: str) -> None:

@@ -234,6 +234,25 @@ class Trainer:
 
 
 @dataclass
+class TensorboardSetup:
+    # Event files (pirl/tensorboard.py) go to LOG_DIR/EXPERIMENT_LOG_DIR, either an fsspec URL;
+    # LOG_DIR "." is the run's folder (CHECKPOINT.DIR; OUTPUT_DIR for `pirl benchmark`), and an
+    # absolute EXPERIMENT_LOG_DIR (/path or scheme://...) is used as it is.
+    USE_TENSORBOARD: bool = False
+    LOG_DIR: str = "."
+    EXPERIMENT_LOG_DIR: str = "tensorboard"
+    FLUSH_EVERY_N_MIN: float = 5  # copy the event files to the destination this often
+    LOG_PARAMS: bool = True  # parameter histograms...
+    LOG_PARAMS_GRADIENTS: bool = True  # ...and gradient histograms...
+    LOG_PARAMS_EVERY_N_ITERS: int = 310  # ...every N steps and at epoch ends (-1: epoch ends only)
+
+
+@dataclass
+class Hooks:
+    TENSORBOARD_SETUP: TensorboardSetup = field(default_factory=TensorboardSetup)
+
+
+@dataclass
 class Config:
     VERBOSE: bool = False
     LOG_FREQUENCY: int = 100
@@ -251,3 +270,4 @@ class Config:
     CHECKPOINT: Checkpoint = field(default_factory=Checkpoint)
     METERS: Meters = field(default_factory=Meters)
     TRAINER: Trainer = field(default_factory=Trainer)
+    HOOKS: Hooks = field(default_factory=Hooks)

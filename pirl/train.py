@@ -38,6 +38,7 @@ from pirl.loss import NCELossWithMemory
 from pirl.models import build_model
 from pirl.optim import build_optimizer, set_lr
 from pirl.redaction import redact
+from pirl.tensorboard import TensorBoardLog
 from pirl.transforms import build_collator, build_transform, collate_encoded
 from pirl.weights import export_torchvision
 
@@ -261,6 +262,9 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             )
         criterion.memory.sync(cfg.LOSS.nce_loss_with_memory.memory_params.init_sync)
     metrics = read_metrics(root, global_step) if env.is_main else []
+    tb = (
+        TensorBoardLog.open(cfg.HOOKS.TENSORBOARD_SETUP, root, global_step) if env.is_main else None
+    )
     unverified = {"check": resumed is not None}  # newer checkpoints than the one resumed from
 
     ddp_model = data_parallel(model, cfg, env)
@@ -327,6 +331,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             )
             terminate["saving"] = False
             log.info("checkpoint %s", url)
+            if tb:
+                tb.upload()
         dist.barrier()
 
     terminate = {"flag": False, "saving": False}
@@ -374,6 +380,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             scaler.step(optimizer)
             scaler.update()
             global_step += 1
+            if tb:
+                tb.add_model(model, global_step)
 
             # One all-reduce carries the loss and the SIGTERM flag, so that every rank stops
             # after the same step (and all exit 143) wherever the signal arrived.
@@ -403,6 +411,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
                     "images_per_sec": imgs_log * env.world_size / dt,
                 }
                 metrics.append(record)
+                if tb:
+                    tb.add_record(record)
                 log.info(
                     "epoch %d step %d/%d loss %.4f lr %.5f | %.1f img/s/rank, %.1f img/s",
                     epoch,
@@ -422,6 +432,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             if stop_now:
                 log.info("MAX_STEPS=%d reached", max_steps)
                 save(epoch, step + 1)
+                if tb:
+                    tb.close()
                 return {"global_step": global_step, "epoch": epoch}
         bar.close()
         if seen:
@@ -436,6 +448,9 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             )
             record["health"] = health
             metrics.append(record)
+            if tb:
+                tb.add_record(record)
+                tb.add_model(model, global_step, epoch_end=True)
             log.info(
                 "epoch %d done: mean loss %.4f (%.2fx chance) in %.1fs | bank mean cosine %.3f, "
                 "alignment %.3f, uniformity %.3f",
@@ -459,6 +474,8 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
             storage.join(root, "train_config.yaml"), config.dump_yaml(cfg, derived).encode()
         )
         log.info("done: trunk exported to %s", storage.join(root, "trunk.safetensors"))
+    if tb:
+        tb.close()
     return {"global_step": global_step, "epoch": num_epochs}
 
 
