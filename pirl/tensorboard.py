@@ -8,7 +8,8 @@ FLUSH_EVERY_N_MIN minutes and at the end. Only rank 0 writes.
 Tags follow VISSL's tensorboard hook where it has one: `Training/Loss`, `Training/Learning_rate`,
 `Speed/img_per_sec_per_gpu`, `Parameters/<name>` and `Gradients/<name>` histograms. Ours:
 `Speed/img_per_sec` (all ranks), `Training/Epoch_loss`, `Speed/Epoch_seconds`, `Health/<metric>`
-(pirl.health, per epoch) and the benchmark's accuracies. Every scalar is at the global step.
+(pirl.health, per epoch); every one at the global step. `pirl benchmark` writes its linear
+heads' losses and accuracies per epoch and its kNN accuracies (`add_benchmark`).
 A resumed run starts its event file with purge_step = the checkpoint's step, so TensorBoard drops
 what the interrupted run logged after that checkpoint.
 """
@@ -145,3 +146,22 @@ class TensorBoardLog:
         self.writer.close()
         self.upload()
         self._staging.cleanup()
+
+
+def add_benchmark(tb: TensorBoardLog, metrics: dict) -> None:
+    """A `pirl benchmark` result, per trunk (trained, random_init) at the linear epoch:
+    `<trunk>/Linear/<head>/{train_loss,top1,top5}` (top-1/top-5 at the tested epochs),
+    `<trunk>/Linear/lr` and, at the last epoch, `<trunk>/kNN/k<k>/{top1,top5}`."""
+    for trunk, result in metrics["trunks"].items():
+        history = result["linear_train"]
+        for record in history:
+            values = {f"{trunk}/Linear/lr": record["lr"]}
+            for head, loss in record["loss"].items():
+                values[f"{trunk}/Linear/{head}/train_loss"] = loss
+            for head, acc in record.get("test", {}).items():
+                values[f"{trunk}/Linear/{head}/top1"] = acc["top1"]
+                values[f"{trunk}/Linear/{head}/top5"] = acc["top5"]
+            tb.add_scalars(values, record["epoch"])
+        for k, acc in result.get("knn", {}).items():
+            knn = {f"{trunk}/kNN/k{k}/top1": acc["top1"], f"{trunk}/kNN/k{k}/top5": acc["top5"]}
+            tb.add_scalars(knn, history[-1]["epoch"])

@@ -11,6 +11,7 @@ from pirl.benchmark import config
 from pirl.config import override_parser
 from pirl.errors import PirlError
 from pirl.redaction import redact
+from pirl.tensorboard import TensorBoardLog, add_benchmark
 from pirl.train import setup_logging
 
 log = logging.getLogger("pirl")
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             if env.is_main:
                 pretraining = read_pretraining(cfg.PRETRAIN_METRICS)
                 urls = write_reports(cfg.OUTPUT_DIR, metrics, pretraining)
+                tb = TensorBoardLog.open(cfg.HOOKS.TENSORBOARD_SETUP, cfg.OUTPUT_DIR)
+                if tb:
+                    add_benchmark(tb, metrics)
+                    tb.close()
                 sys.stdout.write(text_table(metrics))
                 log.info("wrote %s", ", ".join(urls))
             dist.barrier()

@@ -150,6 +150,8 @@ def check(cfg: BenchmarkConfig) -> None:
     _one_of(f"{c}.MACHINE.DEVICE", cfg.MACHINE.DEVICE, ("gpu", "cpu", "auto"))
     _require(cfg.OUTPUT_DIR != "", f"{c}.OUTPUT_DIR must not be empty")
     _require(cfg.LOG_FREQUENCY >= 1, f"{c}.LOG_FREQUENCY must be >= 1")
+    _require(cfg.TEST_EVERY_NUM_EPOCH >= 1, f"{c}.TEST_EVERY_NUM_EPOCH must be >= 1")
+    base.check_tensorboard(cfg.HOOKS.TENSORBOARD_SETUP, f"{c}.HOOKS.TENSORBOARD_SETUP")
 
 
 def derive(cfg: BenchmarkConfig, world_size: int | None = None) -> BenchDerived:

@@ -1,9 +1,9 @@
 """The benchmark's typed config: VISSL's linear-eval keys, plus a few of ours (marked "ours").
 
 Shared blocks come from `pirl.schema` (DATA, MODEL.TRUNK, OPTIMIZER, DISTRIBUTED, MACHINE), so a
-key means the same in `pirl train` and `pirl benchmark`. The defaults are the §4.2 protocol
-(ImageNet-1K linear eval of a ResNet-50: 28 epochs, multistep LR, nesterov, wd 5e-4, res5 and
-res5avg heads); the presets under `configs/config/benchmark/` set the rest.
+key means the same in `pirl train` and `pirl benchmark`. The defaults are VISSL's ImageNet-1K
+linear eval of a ResNet-50 (28 epochs, multistep LR, nesterov, wd 5e-4, tested after every
+epoch), with res5 and res5avg heads; the presets under `configs/config/benchmark/` set the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pirl.schema import (
     DataSplit,
     Distributed,
     Head,
+    Hooks,
     LRSchedule,
     Machine,
     Optimizer,
@@ -81,7 +82,7 @@ class FeatureEvalSettings:
     LINEAR_EVAL_FEAT_POOL_OPS_MAP: list[Any] = field(default_factory=_pool_ops)
     # ours: run the trunk over the train split once (with DATA.TRAIN.TRANSFORMS) and train the
     # heads on those features every epoch. For small sets with deterministic transforms (the
-    # demo); the §4.2 protocol (false) runs the trunk on freshly augmented crops every epoch.
+    # demo); VISSL's protocol (false) runs the trunk on freshly augmented crops every epoch.
     CACHE_TRAIN_FEATURES: bool = False
 
 
@@ -150,6 +151,9 @@ class LowShot:  # ours: VISSL's 1% / 10% benchmarks as a seeded per-class fracti
 class BenchmarkConfig:
     VERBOSE: bool = False
     LOG_FREQUENCY: int = 100  # steps between log lines of the linear training
+    # VISSL's: test the heads on val after every N-th epoch (and always after the last); the
+    # report gives each head's last-epoch accuracy and its best tested epoch
+    TEST_EVERY_NUM_EPOCH: int = 1
     SEED_VALUE: int = 0
     MACHINE: Machine = field(default_factory=Machine)
     DATA: Data = field(default_factory=_data)
@@ -161,3 +165,5 @@ class BenchmarkConfig:
     OUTPUT_DIR: str = "./runs/benchmark"  # ours: metrics.json and the reports go here (fsspec URL)
     PRETRAIN_METRICS: str = ""  # ours: the pretraining run's metrics.jsonl (loss curve); '' = none
     BASELINE_RANDOM: bool = False  # ours: also evaluate a randomly initialised trunk
+    # VISSL's TensorBoard keys; LOG_DIR "." is OUTPUT_DIR; written when the benchmark ends
+    HOOKS: Hooks = field(default_factory=Hooks)
