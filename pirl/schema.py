@@ -170,7 +170,9 @@ class MemoryParams:
     momentum: float = 0.5  # weight of the OLD row: m <- normalise(momentum*m + (1-momentum)*v)
     norm_init: bool = True
     update_mem_on_forward: bool = True
-    init_sync: str = "broadcast"  # ours: broadcast (rank 0's bank) | average (VISSL's quirk)
+    # ours: broadcast (rank 0's bank) | average (VISSL's: the ranks' own banks averaged, rows of
+    # norm ~1/sqrt(W), so NCE's fixed Z is 0.68x broadcast's at W=2; see MemoryBank.sync)
+    init_sync: str = "broadcast"
     duplicate_update: str = (
         "last"  # ours: last | mean; what one gathered update does with a repeated index
     )
