@@ -561,7 +561,9 @@ def derive(
             f"the LR scaling and batch depend on it: pass config.DISTRIBUTED.NUM_NODES=... "
             f"config.DISTRIBUTED.NUM_PROC_PER_NODE=... matching the launch"
         )
-    notes: list[str] = []
+    from pirl.data.catalog import resolve
+
+    notes = resolve(cfg.DATA.DATASET_CATALOG, [(cfg.DATA.TRAIN, "config.DATA.TRAIN")])
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     global_batch = batch * configured_world
 

@@ -97,6 +97,9 @@ class Data:
     PIN_MEMORY: bool = True
     TRAIN: DataSplit = field(default_factory=DataSplit)
     TEST: DataSplit = field(default_factory=lambda: DataSplit(SPLIT="val"))
+    # ours: VISSL's dataset_catalog.json (path or URL) that maps DATASET_NAMES to paths when
+    # DATA_PATHS is empty; "" = the file named by $PIRL_DATASET_CATALOG, if set (data/catalog.py)
+    DATASET_CATALOG: str = ""
 
 
 @dataclass

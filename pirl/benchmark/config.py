@@ -156,7 +156,8 @@ def check(cfg: BenchmarkConfig) -> None:
 
 def derive(cfg: BenchmarkConfig, world_size: int | None = None) -> BenchDerived:
     """The launch's world size against DISTRIBUTED, the global batch and the scaled LR schedule.
-    Mutates `cfg` only to fill DATA.TEST.DATA_PATHS from TRAIN for a sharded dataset."""
+    Mutates `cfg` only to fill empty DATA_PATHS: from the dataset catalog (pirl.data.catalog),
+    and DATA.TEST's from TRAIN for a sharded dataset."""
     dist = cfg.DISTRIBUTED
     configured = dist.NUM_NODES * dist.NUM_PROC_PER_NODE
     if world_size is not None and world_size != configured:
@@ -166,8 +167,11 @@ def derive(cfg: BenchmarkConfig, world_size: int | None = None) -> BenchDerived:
             "the LR scaling depends on it: pass config.DISTRIBUTED.NUM_NODES=... "
             "config.DISTRIBUTED.NUM_PROC_PER_NODE=... matching the launch"
         )
-    notes: list[str] = []
+    from pirl.data.catalog import resolve
+
     train, test = cfg.DATA.TRAIN, cfg.DATA.TEST
+    splits = [(train, "config.DATA.TRAIN"), (test, "config.DATA.TEST")]
+    notes = resolve(cfg.DATA.DATASET_CATALOG, splits)
     if (
         train.DATA_PATHS
         and not test.DATA_PATHS
