@@ -97,12 +97,15 @@ def assert_replicas_identical(root: str, expected_saves: int) -> None:
 
 
 def test_torchrun_two_ranks(tmp_path, digits_folder):
-    rc, log = finish(local_torchrun(str(tmp_path), digits_folder))
+    tensorboard = "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true"
+    rc, log = finish(local_torchrun(str(tmp_path), digits_folder, tensorboard))
     assert rc == 0, log
     assert "50 samples, 2 rank(s) x batch 8 = global batch 16, 4 steps/epoch" in log
     assert_replicas_identical(str(tmp_path), 2)
     _, meta = checkpoint.load_latest(str(tmp_path))
     assert meta["global_step"] == 8
+    # only rank 0 writes TensorBoard events: one file
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_two_nodes_with_the_operators_environment(tmp_path, digits_folder):

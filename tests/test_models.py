@@ -153,8 +153,13 @@ def test_trunk_init_pytorch_default_is_vissls_and_kaiming_fan_out_is_torchvision
 
 
 def test_trunk_init_is_a_config_key():
-    cfg, _ = config.load(["config=pretrain/npid/npid_demo_resnet18"])
-    assert cfg.MODEL.TRUNK.RESNETS.INIT == "pytorch_default"
+    """VISSL's presets get VISSL's init; the demo presets keep torchvision's (measured better)."""
+    for preset in ("pretrain/npid/npid_8gpu_resnet", "pretrain/pirl/pirl_jigsaw_4node_resnet50"):
+        cfg, _ = config.load([f"config={preset}"])
+        assert cfg.MODEL.TRUNK.RESNETS.INIT == "pytorch_default"
+    for preset in ("pretrain/npid/npid_demo_resnet18", "pretrain/pirl/pirl_demo_resnet18"):
+        cfg, _ = config.load([f"config={preset}"])
+        assert cfg.MODEL.TRUNK.RESNETS.INIT == "kaiming_fan_out"
     with pytest.raises(ConfigError, match="RESNETS.INIT"):
         config.load(
             ["config=pretrain/npid/npid_demo_resnet18", "config.MODEL.TRUNK.RESNETS.INIT=xavier"]
