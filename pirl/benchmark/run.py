@@ -1,9 +1,10 @@
 """One benchmark run: open the data, evaluate the trained trunk (and a random-init one), report.
 
 Per trunk: (1) the train split through the frozen trunk — every epoch on augmented crops, or once
-when CACHE_TRAIN_FEATURES — training all heads together; (2) the kNN bank: the train split with
-the TEST transforms (shared with (1) when cached and the transforms are equal); (3) one pass over
-val for every head's top-1/top-5 and the kNN queries. Works on any number of ranks: heads in DDP,
+when CACHE_TRAIN_FEATURES — training all heads together, with a pass over val for every head's
+top-1/top-5 after every TEST_EVERY_NUM_EPOCH-th epoch and the last (`Tester`); (2) the kNN bank:
+the train split with the TEST transforms (shared with (1) when cached and the transforms are
+equal), scored with the last val pass's kNN queries. Works on any number of ranks: heads in DDP,
 the trunk frozen and local, counts summed, the kNN bank gathered.
 """
 
