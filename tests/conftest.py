@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def free_port() -> int:
@@ -71,15 +70,6 @@ def s3_bucket(s3_endpoint, monkeypatch):
     s3fs.S3FileSystem().mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(
-            f"{SHARED} is absent (CI has it; a fresh clone may not): schema validation skipped"
-        )
-    return SHARED
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,13 @@ import yaml
 # Kubernetes versions whose OpenAPI schemas every built-in object must satisfy (strict: unknown
 # fields are errors): an older one still in wide use and a recent one.
 K8S_VERSIONS = ("1.29", "1.36")
-CRD_RELATIVE = Path("reference/kubeflow.org_pytorchjobs.yaml")  # under shared/
+# Training Operator v1.9.4's PyTorchJob CRD (vendored in tests/schemas/)
+PYTORCHJOB_CRD = (
+    Path(__file__).resolve().parent
+    / "schemas"
+    / "training-operator-v1.9.4"
+    / "kubeflow.org_pytorchjobs.yaml"
+)
 REPLICA_TYPES = ("Master", "Worker")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 

@@ -14,7 +14,7 @@ import tomllib
 import yaml
 
 from .k8s_helpers import (
-    CRD_RELATIVE,
+    PYTORCHJOB_CRD,
     close_schema,
     crd_errors,
     find_kubectl,
@@ -126,8 +126,8 @@ def rendered(kubectl) -> dict[str, list[dict]]:
 
 
 @pytest.fixture
-def crd_path(shared_dir) -> Path:
-    return shared_dir / CRD_RELATIVE
+def crd_path() -> Path:
+    return PYTORCHJOB_CRD
 
 
 def jobs_of(objs: list[dict]) -> list[dict]:

@@ -116,8 +116,10 @@ def test_compile_image_override(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the PyTorchJob
-def crd_schema(shared_dir: Path) -> dict:
-    crd = yaml.safe_load((shared_dir / "reference" / "kubeflow.org_pytorchjobs.yaml").read_text())
+def crd_schema() -> dict:
+    from .k8s_helpers import PYTORCHJOB_CRD
+
+    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return strict(copy.deepcopy(v1["schema"]["openAPIV3Schema"]))
 
@@ -173,15 +175,15 @@ def seed_job(nodes: int, gpus: int) -> dict:
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 8), (4, 8)])
-def test_pytorchjob_validates_against_the_crd(shared_dir, nodes, gpus):
+def test_pytorchjob_validates_against_the_crd(nodes, gpus):
     import jsonschema
 
     job = seed_job(nodes, gpus)
-    jsonschema.validate(job, crd_schema(shared_dir))
+    jsonschema.validate(job, crd_schema())
     # also the pod template against Kubernetes' own schemas and the operator webhook's rules
-    from .k8s_helpers import pytorchjob_errors
+    from .k8s_helpers import PYTORCHJOB_CRD, pytorchjob_errors
 
-    assert pytorchjob_errors(job, shared_dir / "reference" / "kubeflow.org_pytorchjobs.yaml") == []
+    assert pytorchjob_errors(job, PYTORCHJOB_CRD) == []
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1
     assert replicas.get("Worker", {}).get("replicas", 0) == nodes - 1
@@ -202,13 +204,13 @@ def test_pytorchjob_validates_against_the_crd(shared_dir, nodes, gpus):
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 604800
 
 
-def test_schema_check_catches_a_typo(shared_dir):
+def test_schema_check_catches_a_typo():
     import jsonschema
 
     job = seed_job(1, 1)
     job["spec"]["runPolicy"]["cleanPodPolicyy"] = "All"
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(job, crd_schema(shared_dir))
+        jsonschema.validate(job, crd_schema())
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 8), (4, 8)])
