@@ -20,12 +20,13 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from pirl import storage
 from pirl.errors import StorageError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger("pirl")
 

@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         config.derive(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
         for note in derived.notes:
             log.info("config: %s", note)
+        tb = None
         if env.is_main:
             storage.check_writable(cfg.OUTPUT_DIR)
+            tb = TensorBoardLog.open(cfg.HOOKS.TENSORBOARD_SETUP, cfg.OUTPUT_DIR)
         try:
             metrics = benchmark(cfg, derived, env)
             if env.is_main:
                 pretraining = read_pretraining(cfg.PRETRAIN_METRICS)
                 urls = write_reports(cfg.OUTPUT_DIR, metrics, pretraining)
-                tb = TensorBoardLog.open(cfg.HOOKS.TENSORBOARD_SETUP, cfg.OUTPUT_DIR)
                 if tb:
                     add_benchmark(tb, metrics)
                     tb.close()
