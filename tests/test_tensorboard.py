@@ -162,3 +162,26 @@ def test_vissl_tensorboard_keys_are_accepted_and_checked():
         config.load(base + ["config.HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN=0"])
     with pytest.raises(ConfigError, match="LOG_PARAMS_EVERY_N_ITERS"):
         config.load(base + ["config.HOOKS.TENSORBOARD_SETUP.LOG_PARAMS_EVERY_N_ITERS=0"])
+
+
+def test_a_failed_upload_is_a_warning_and_the_next_one_copies_everything(
+    tmp_path, monkeypatch, caplog
+):
+    from pirl import tensorboard
+    from pirl.errors import StorageUnavailable
+
+    dest = tmp_path / "tb"
+    tb = TensorBoardLog(str(dest))
+    tb.add_scalars({"Training/Loss": 1.0}, 1)
+    real = storage.write_bytes
+
+    def unavailable(url, data):
+        raise StorageUnavailable(f"{url}: the store did not answer")
+
+    monkeypatch.setattr(tensorboard.storage, "write_bytes", unavailable)
+    tb.upload()
+    assert "could not upload" in caplog.text and not dest.exists()
+    monkeypatch.setattr(tensorboard.storage, "write_bytes", real)
+    tb.add_scalars({"Training/Loss": 0.5}, 2)
+    tb.close()
+    assert scalars(read_events(dest), "Training/Loss") == {1: 1.0, 2: 0.5}
