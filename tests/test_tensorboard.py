@@ -185,3 +185,14 @@ def test_a_failed_upload_is_a_warning_and_the_next_one_copies_everything(
     tb.add_scalars({"Training/Loss": 0.5}, 2)
     tb.close()
     assert scalars(read_events(dest), "Training/Loss") == {1: 1.0, 2: 0.5}
+
+
+def test_events_reach_the_destination_every_flush_period_before_the_end(tmp_path):
+    dest = tmp_path / "tb"
+    tb = TensorBoardLog(str(dest), flush_every_s=3600)
+    tb.add_scalars({"Training/Loss": 1.0}, 1)
+    assert not dest.exists()  # not due yet: staged locally only
+    tb.flush_every_s = 0  # FLUSH_EVERY_N_MIN has passed
+    tb.add_scalars({"Training/Loss": 0.5}, 2)
+    assert scalars(read_events(dest), "Training/Loss") == {1: 1.0, 2: 0.5}
+    tb.close()
