@@ -642,7 +642,7 @@ def check_lr_values(lr: dict, global_batch: int) -> None:
 
 
 def scaled_lr_schedule(sched, global_batch: int) -> tuple[float, dict]:
-    """VISSL's auto_lr_scaling (spec §5.2): returns (factor, the schedule with scaled values)."""
+    """VISSL's auto_lr_scaling: returns (factor, the schedule with scaled values)."""
     scaling = sched.auto_lr_scaling
     lr: dict[str, Any] = {"name": sched.name, "update_interval": sched.update_interval}
     if sched.name == "cosine":
