@@ -27,9 +27,13 @@ import yaml
 from pirl.errors import ConfigError
 from pirl.fields import check_tree, one_of, require, vissl_only_values
 from pirl.redaction import redact
-from pirl.schema import TRUNK_DEPTHS, WIDTH_MULTIPLIERS, Config, DataSplit
+from pirl.schema import TRUNK_DEPTHS, TRUNK_INITS, WIDTH_MULTIPLIERS, Config, DataSplit
 
-__all__ = ["TRUNK_DEPTHS", "WIDTH_MULTIPLIERS"]  # the schema's, re-exported for their readers
+__all__ = [
+    "TRUNK_DEPTHS",
+    "TRUNK_INITS",
+    "WIDTH_MULTIPLIERS",
+]  # the schema's, re-exported for their readers
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("pirl")
@@ -408,14 +412,18 @@ def trunk_output_dim(cfg: Config) -> int:
 def derive(cfg: Config, world_size: int | None = None) -> tuple[Config, Derived]:
     """What follows from the config (and `world_size`, checked when given): the global batch,
     the scaled LR schedule, head input sizes. Pure: returns a resolved copy of `cfg` (head input
-    sizes follow the trunk, as VISSL rewrites them) and the `Derived` record, whose notes say
+    sizes follow the trunk, as VISSL rewrites them; empty DATA_PATHS filled from the dataset
+    catalog) and the `Derived` record, whose notes say
     what was rewritten. The dataset's part comes later, from `fit_dataset`."""
     if world_size is not None:
         check_world_size(cfg, world_size)
+    from pirl.data.catalog import resolve
+
     cfg = copy.deepcopy(cfg)
     world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    notes = resolve_head_inputs(cfg)
+    notes = resolve(cfg.DATA.DATASET_CATALOG, [(cfg.DATA.TRAIN, "config.DATA.TRAIN")])
+    notes += resolve_head_inputs(cfg)
     sched = cfg.OPTIMIZER.param_schedulers.lr
     factor, lr = scaled_lr_schedule(sched, batch * world)
     if sched.auto_lr_scaling.auto_scale:  # an LR given as is (auto_scale=false) is the user's

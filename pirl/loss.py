@@ -52,7 +52,8 @@ class NCELossWithMemory(nn.Module):
             mem.norm_init,
             mem.dtype,
             mem.duplicate_update,
-            seed,
+            # VISSL seeds each rank with SEED_VALUE + rank, so the banks it averages differ
+            seed + rank if mem.init_sync == "average" else seed,
         )
         # Z: < 0 means "not estimated yet"; saved with the bank so a resumed run keeps it.
         self.register_buffer("z", torch.tensor(float(cfg.norm_constant)))

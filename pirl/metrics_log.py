@@ -1,7 +1,8 @@
 """The training record: every per-step, per-epoch and per-checkpoint record goes through
 `MetricsLog`, which logs it and keeps it for `metrics.jsonl` in CHECKPOINT.DIR (one JSON record
 a line, rewritten whole on every checkpoint, before the checkpoint itself: killed in between,
-the file holds every record up to the newest checkpoint, never fewer)."""
+the file holds every record up to the newest checkpoint, never fewer) and, with
+HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD, also into TensorBoard event files (rank 0)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import json
 import logging
 import time
 
+from torch import nn
+
 from pirl import storage
 from pirl.health import collapse_warning
+from pirl.tensorboard import TensorBoardLog
 
 log = logging.getLogger("pirl")
 
@@ -55,14 +59,46 @@ class MetricsLog:
     """Records and log lines of one run. Rank 0 holds the history read back on resume and
     writes the file; every rank logs (the logging level keeps other ranks' INFO quiet)."""
 
-    def __init__(self, root: str, records: list[dict], world_size: int, is_main: bool):
+    def __init__(
+        self,
+        root: str,
+        records: list[dict],
+        world_size: int,
+        is_main: bool,
+        tensorboard: TensorBoardLog | None = None,
+    ):
         self.root, self.records = root, records
         self.world_size, self.is_main = world_size, is_main
+        self.tensorboard = tensorboard
         self.start_interval()
 
     @classmethod
-    def resume(cls, root: str, upto_step: int, world_size: int, is_main: bool) -> MetricsLog:
-        return cls(root, read_metrics(root, upto_step) if is_main else [], world_size, is_main)
+    def resume(
+        cls, root: str, upto_step: int, world_size: int, is_main: bool, tensorboard_setup=None
+    ) -> MetricsLog:
+        """The history up to `upto_step` (rank 0); TensorBoard as `tensorboard_setup` asks,
+        dropping what a previous attempt logged past `upto_step`."""
+        if not is_main:
+            return cls(root, [], world_size, is_main)
+        history = read_metrics(root, upto_step)
+        tb = None
+        if tensorboard_setup is not None:
+            tb = TensorBoardLog.open(tensorboard_setup, root, upto_step)
+        return cls(root, history, world_size, is_main, tb)
+
+    def _add(self, record: dict) -> None:
+        self.records.append(record)
+        if self.tensorboard:
+            self.tensorboard.add_record(record)
+
+    def params(self, model: nn.Module, global_step: int, epoch_end: bool = False) -> None:
+        """Parameter/gradient histograms, when TensorBoard's LOG_PARAMS* ask for them."""
+        if self.tensorboard:
+            self.tensorboard.add_model(model, global_step, epoch_end)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
 
     def start_interval(self) -> None:
         """Throughput counts from here: the start of an epoch, or the last step record."""
@@ -86,7 +122,7 @@ class MetricsLog:
             "images_per_sec_per_rank": self._images / seconds,
             "images_per_sec": self._images * self.world_size / seconds,
         }
-        self.records.append(record)
+        self._add(record)
         log.info(
             "epoch %d step %d/%d loss %.4f lr %.5f | %.1f img/s/rank, %.1f img/s",
             epoch,
@@ -110,7 +146,7 @@ class MetricsLog:
             "epoch_seconds": seconds,
             "health": health,
         }
-        self.records.append(record)
+        self._add(record)
         log.info(
             "epoch %d done: mean loss %.4f (%.2fx chance) in %.1fs | bank mean cosine %.3f, "
             "alignment %.3f, uniformity %.3f",
@@ -140,4 +176,8 @@ class MetricsLog:
         )
 
     def write(self) -> None:
+        """metrics.jsonl rewritten whole (rank 0, just before a checkpoint); the TensorBoard
+        event files uploaded with it."""
         write_metrics(self.root, self.records)
+        if self.tensorboard:
+            self.tensorboard.upload()

@@ -1,6 +1,6 @@
 """ResNet/ResNeXt trunks with a true width multiplier, VISSL's heads, and the PIRL/NPID model.
 
-The trunk is torchvision's ResNet rebuilt as VISSL's `resnext.py` does: the stem and every stage
+The trunk is torchvision's ResNet (its residual blocks) with VISSL's widths: the stem and every stage
 are `width_multiplier` times wider (a ResNet-50-w2 outputs 4096 features; this is not torchvision's
 `wide_resnet50_2`, which widens only the bottleneck). Module names match torchvision's, so
 `trunk.state_dict()` loads into `torchvision.models.resnet50()` (with `fc` removed) when w=1.
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pirl.config import TRUNK_DEPTHS, head_modules, output_names
+from pirl.config import TRUNK_DEPTHS, TRUNK_INITS, head_modules, output_names
 from pirl.schema import Config
 
 LAYERS = {
@@ -25,8 +25,43 @@ LAYERS = {
 }
 
 
+def conv1x1(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
+
+
+def make_stage(
+    block: type[BasicBlock | Bottleneck],
+    inplanes: int,
+    planes: int,
+    blocks: int,
+    stride: int,
+    groups: int,
+    width_per_group: int,
+) -> nn.Sequential:
+    """One ResNet stage (torchvision's layer1..layer4, same module names): `blocks` residual
+    blocks, the first with stride `stride` and a 1x1 projection shortcut when the shape changes."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
+    layers = [block(inplanes, planes, stride, downsample, groups, width_per_group)]
+    layers += [
+        block(out, planes, groups=groups, base_width=width_per_group) for _ in range(1, blocks)
+    ]
+    return nn.Sequential(*layers)
+
+
 class ResNetTrunk(nn.Module):
-    """conv1..layer4 + global average pool; `forward` returns the flattened res5 features."""
+    """conv1..layer4 + global average pool; `forward` returns the flattened res5 features.
+
+    `init`: "pytorch_default" leaves every layer with PyTorch's own initialisation (convolutions
+    kaiming-uniform a=sqrt(5), BN weight 1 bias 0), which is what VISSL's trunk gets: it builds
+    its layers after torchvision's ResNet has initialised its own, discarded ones.
+    "kaiming_fan_out" is torchvision's ResNet init (convolutions kaiming-normal, fan-out, ReLU
+    gain): about 2.4x the weight scale (std 0.059 vs 0.024 on a ResNet-50's layer1.0.conv2).
+    `zero_init_residual` zeroes each block's last BN weight under either init (VISSL's trunk
+    accepts the key but its rebuilt layers never see it).
+    """
 
     def __init__(
         self,
@@ -36,36 +71,31 @@ class ResNetTrunk(nn.Module):
         width_per_group: int = 64,
         zero_init_residual: bool = False,
         layer4_stride: int = 2,
+        init: str = "pytorch_default",
     ):
         super().__init__()
+        if init not in TRUNK_INITS:
+            raise ValueError(f"init={init!r} is not one of {TRUNK_INITS}")
         block = Bottleneck if TRUNK_DEPTHS[depth] == "bottleneck" else BasicBlock
         layers = LAYERS[depth]
-        # torchvision's ResNet gives us _make_layer and its init; we rebuild the widths.
-        base = ResNet(
-            block,
-            layers,
-            groups=groups,
-            width_per_group=width_per_group,
-            zero_init_residual=zero_init_residual,
-        )
         w = 64 * width_multiplier
-        base.inplanes = w
         self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = base._make_layer(block, w, layers[0])
-        self.layer2 = base._make_layer(block, w * 2, layers[1], stride=2)
-        self.layer3 = base._make_layer(block, w * 4, layers[2], stride=2)
-        self.layer4 = base._make_layer(block, w * 8, layers[3], stride=layer4_stride)
+        widths = (w, w * 2, w * 4, w * 8)
+        strides = (1, 2, 2, layer4_stride)
+        inplanes = w
+        for i, (planes, blocks, stride) in enumerate(zip(widths, layers, strides, strict=True)):
+            stage = make_stage(block, inplanes, planes, blocks, stride, groups, width_per_group)
+            setattr(self, f"layer{i + 1}", stage)
+            inplanes = planes * block.expansion
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.output_dim = w * 8 * block.expansion
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.output_dim = inplanes
+        if init == "kaiming_fan_out":
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
@@ -97,6 +127,7 @@ def build_trunk(cfg: Config) -> ResNetTrunk:
         r.WIDTH_PER_GROUP,
         r.ZERO_INIT_RESIDUAL,
         r.LAYER4_STRIDE,
+        r.INIT,
     )
 
 

@@ -25,6 +25,7 @@ TRUNK_DEPTHS = {
     200: "bottleneck",
 }
 WIDTH_MULTIPLIERS = (1, 2, 3, 4)
+TRUNK_INITS = ("pytorch_default", "kaiming_fan_out")  # see pirl.models.ResNetTrunk
 DATA_SOURCES = ("disk_folder", "disk_filelist", "shards", "synthetic")
 COLLATORS = ("default_collate", "patch_and_image_collator")
 LR_SCHEDULES = ("cosine", "multistep", "linear", "constant")
@@ -175,6 +176,9 @@ class Data:
     PIN_MEMORY: bool = True
     TRAIN: DataSplit = field(default_factory=DataSplit)
     TEST: DataSplit = field(default_factory=lambda: DataSplit(SPLIT="val"))
+    # ours: VISSL's dataset_catalog.json (path or URL) that maps DATASET_NAMES to paths when
+    # DATA_PATHS is empty; "" = the file named by $PIRL_DATASET_CATALOG, if set (data/catalog.py)
+    DATASET_CATALOG: str = ""
 
 
 @dataclass
@@ -186,6 +190,9 @@ class ResNets:
     WIDTH_PER_GROUP: int = setting(64, ge=1)
     ZERO_INIT_RESIDUAL: bool = False
     LAYER4_STRIDE: int = setting(2, choices=(1, 2))
+    # ours: pytorch_default (VISSL's trunk: PyTorch's own layer init) | kaiming_fan_out
+    # (torchvision's ResNet init); see pirl.models.ResNetTrunk
+    INIT: str = setting("pytorch_default", choices=TRUNK_INITS)
 
     def check(self, path: str) -> None:
         require(
@@ -262,7 +269,8 @@ class MemoryParams:
     momentum: float = setting(0.5, ge=0, lt=1)
     norm_init: bool = True
     update_mem_on_forward: bool = True
-    # ours: broadcast (rank 0's bank) | average (VISSL's quirk)
+    # ours: broadcast (rank 0's bank) | average (VISSL's: the ranks' own banks averaged, rows of
+    # norm ~1/sqrt(W), so NCE's fixed Z is 0.68x broadcast's at W=2; see MemoryBank.sync)
     init_sync: str = setting("broadcast", choices=("broadcast", "average"))
     # ours: what one gathered update does with a repeated index
     duplicate_update: str = setting("last", choices=("last", "mean"))
@@ -342,6 +350,44 @@ class Trainer:
 
 
 @dataclass
+class TensorboardSetup:
+    # Event files (pirl/tensorboard.py) go to LOG_DIR/EXPERIMENT_LOG_DIR, either an fsspec URL;
+    # LOG_DIR "." is the run's folder (CHECKPOINT.DIR; OUTPUT_DIR for `pirl benchmark`), and an
+    # absolute EXPERIMENT_LOG_DIR (/path or scheme://...) is used as it is.
+    USE_TENSORBOARD: bool = False
+    LOG_DIR: str = "."
+    EXPERIMENT_LOG_DIR: str = "tensorboard"
+    # copy the event files to the destination this often (minutes)
+    FLUSH_EVERY_N_MIN: float = setting(5, gt=0)
+    LOG_PARAMS: bool = True  # parameter histograms...
+    LOG_PARAMS_GRADIENTS: bool = True  # ...and gradient histograms...
+    LOG_PARAMS_EVERY_N_ITERS: int = 310  # ...every N steps and at epoch ends (-1: epoch ends only)
+
+    def check(self, path: str) -> None:
+        require(
+            self.LOG_PARAMS_EVERY_N_ITERS == -1 or self.LOG_PARAMS_EVERY_N_ITERS >= 1,
+            f"{path}.LOG_PARAMS_EVERY_N_ITERS must be >= 1, or -1 (at epoch ends only)",
+        )
+        require(
+            self.EXPERIMENT_LOG_DIR != "" and self.LOG_DIR != "",
+            f"{path}.LOG_DIR and EXPERIMENT_LOG_DIR must not be empty",
+        )
+        if self.USE_TENSORBOARD:
+            import importlib.util
+
+            require(
+                importlib.util.find_spec("tensorboard") is not None,
+                f"{path}.USE_TENSORBOARD=true needs the tensorboard package: pip install "
+                "'pirl[tensorboard]' (or set it to false)",
+            )
+
+
+@dataclass
+class Hooks:
+    TENSORBOARD_SETUP: TensorboardSetup = field(default_factory=TensorboardSetup)
+
+
+@dataclass
 class Config:
     VERBOSE: bool = setting(False, vissl_only=True)
     LOG_FREQUENCY: int = setting(100, ge=1)
@@ -361,3 +407,4 @@ class Config:
     CHECKPOINT: Checkpoint = field(default_factory=Checkpoint)
     METERS: Meters = field(default_factory=Meters)
     TRAINER: Trainer = field(default_factory=Trainer)
+    HOOKS: Hooks = field(default_factory=Hooks)

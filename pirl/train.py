@@ -303,6 +303,7 @@ def train_one_epoch(
             )
         loss_sum, seen = loss_sum + loss_value, seen + 1
         metrics.count_images(len(batch["index"]))
+        metrics.params(t.model, state.global_step)
         if (step + 1) % cfg.LOG_FREQUENCY == 0 or step + 1 == steps_per_epoch:
             metrics.step(epoch, step + 1, steps_per_epoch, state.global_step, loss_value, lr)
         if stop:  # before any save: a SIGTERM'd job writes nothing more
@@ -318,6 +319,7 @@ def train_one_epoch(
             t.criterion.memory.memory, epoch_loss, t.criterion.chance()
         )
         metrics.epoch(epoch, state.global_step, epoch_loss, time.perf_counter() - started, health)
+        metrics.params(t.model, state.global_step, epoch_end=True)
     state.epoch, state.step_in_epoch = epoch + 1, 0
     return True
 
@@ -338,7 +340,13 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     t = build_training(cfg, env, data.num_samples, config.lr_at(derived.lr, 0, num_epochs))
     state = resume(cfg, env, t)
     t.step_model = data_parallel(t.model, cfg, env)
-    metrics = MetricsLog.resume(cfg.CHECKPOINT.DIR, state.global_step, env.world_size, env.is_main)
+    metrics = MetricsLog.resume(
+        cfg.CHECKPOINT.DIR,
+        state.global_step,
+        env.world_size,
+        env.is_main,
+        cfg.HOOKS.TENSORBOARD_SETUP,
+    )
     checkpointer = Checkpointer(cfg, env, t, metrics, start=state)
     sigterm = SigtermFlag(checkpointer)
     signal.signal(signal.SIGTERM, sigterm)
@@ -366,6 +374,7 @@ def _train(cfg: config.Config, derived: config.Derived, env: dist.DistEnv) -> di
     checkpointer.save_unless_saved(state)  # MAX_STEPS stopped it between checkpoints
     if env.is_main:
         export(cfg, derived, t.model)
+    metrics.close()
     return {"global_step": state.global_step, "epoch": state.epoch}
 
 

@@ -198,6 +198,49 @@ def test_protocol_only_heads_train_and_the_trunk_is_untouched():
     assert all(p.grad is None for p in trunk.parameters())
 
 
+def test_heads_are_tested_every_n_epochs_and_after_the_last():
+    trunk, extractor, data, heads, _, _ = tiny_setup()
+
+    def batches(epoch):
+        for b in data.batches(epoch):
+            yield extractor(b["data"])[0], b["label"]
+
+    tested = []
+
+    def test(epoch):
+        tested.append((epoch, heads.training))
+        return {"a": {"top1": 10.0 * epoch, "top5": 50.0}}
+
+    lr = {"name": "constant", "value": 0.05, "update_interval": "epoch"}
+    history = train_heads(
+        heads,
+        trunk,
+        batches,
+        data.steps_per_epoch,
+        Optimizer(num_epochs=5),
+        lr,
+        ["a", "b", "c"],
+        test=test,
+        test_every=2,
+    )
+    assert [e for e, _ in tested] == [1, 3, 4]  # epochs 2 and 4 (1-based), and the last
+    assert [r["epoch"] for r in history if "test" in r] == [1, 3, 4]
+    assert history[3]["test"]["a"]["top1"] == 30.0
+
+
+def test_best_tested_epoch_is_reported_beside_the_last():
+    from pirl.benchmark.run import best_test
+
+    history = [
+        {"epoch": 0, "test": {"h": {"top1": 40.0, "top5": 80.0}}},
+        {"epoch": 1},
+        {"epoch": 2, "test": {"h": {"top1": 55.0, "top5": 81.0}}},
+        {"epoch": 3, "test": {"h": {"top1": 55.0, "top5": 90.0}}},
+        {"epoch": 4, "test": {"h": {"top1": 50.0, "top5": 95.0}}},
+    ]
+    assert best_test(history, "h") == {"best_top1": 55.0, "best_top5": 90.0, "best_epoch": 3}
+
+
 def test_protocol_violations_are_caught():
     trunk, _, _, heads, _, _ = tiny_setup()
     good = torch.optim.SGD(heads.parameters(), lr=0.1)
@@ -361,6 +404,12 @@ def test_end_to_end_small(small_digits, tmp_path, capsys):
     assert "bank mean cosine 0.050" in (tmp_path / "out" / "report.md").read_text()
     assert "trained.linear.res5.top1" in flat_summary(metrics)
     assert "headline: linear" in text_table(metrics)
+    for trunk in metrics["trunks"].values():  # tested after each epoch (TEST_EVERY_NUM_EPOCH=1)
+        history = trunk["linear_train"]
+        assert all("test" in r for r in history)
+        for name, r in trunk["linear"].items():
+            assert r["top1"] == history[-1]["test"][name]["top1"]
+            assert r["best_top1"] == max(h["test"][name]["top1"] for h in history)
 
 
 def test_end_to_end_missing_weights_fails_cleanly(small_digits, tmp_path, capsys):
@@ -459,7 +508,34 @@ def test_end_to_end_streaming_protocol(small_digits, tmp_path, capsys):
     metrics = check_outputs(tmp_path / "out", baseline=False)
     assert not metrics["protocol"]["cache_train_features"]
     assert metrics["dataset"]["train"]["transforms"][0]["name"] == "RandomResizedCrop"
-    assert len(metrics["trunks"]["trained"]["linear_train"]) == 2
+    history = metrics["trunks"]["trained"]["linear_train"]
+    assert [r["epoch"] for r in history if "test" in r] == [0, 1]
+
+
+def test_end_to_end_writes_tensorboard_events(small_digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = digits_args(
+        small_digits,
+        tmp_path,
+        "config.OPTIMIZER.num_epochs=3",
+        "config.TEST_EVERY_NUM_EPOCH=2",
+        "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true",
+    )
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    trained = metrics["trunks"]["trained"]
+    acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    acc.Reload()
+    top1 = {e.step: e.value for e in acc.Scalars("trained/Linear/res5/top1")}
+    assert sorted(top1) == [1, 2]  # epoch 2 (1-based) and the last
+    assert top1[2] == pytest.approx(trained["linear"]["res5"]["top1"])
+    assert len(acc.Scalars("trained/Linear/res5/train_loss")) == 3
+    knn = acc.Scalars("trained/kNN/k20/top1")
+    assert [(e.step, round(e.value, 4)) for e in knn] == [
+        (2, round(trained["knn"]["20"]["top1"], 4))
+    ]
 
 
 @pytest.mark.slow

@@ -105,13 +105,16 @@ DEPRECATION = re.compile(r"\.py:\d+: (FutureWarning|DeprecationWarning): ")
 
 def test_torchrun_two_ranks(tmp_path, digits_folder):
     every_warning = subprocess_env(PYTHONWARNINGS="always")
-    rc, log = finish(local_torchrun(str(tmp_path), digits_folder, env=every_warning))
+    tensorboard = "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true"
+    rc, log = finish(local_torchrun(str(tmp_path), digits_folder, tensorboard, env=every_warning))
     assert rc == 0, log
     assert not DEPRECATION.search(log), log  # every warning shown: none about a deprecated API
     assert "50 samples, 2 rank(s) x batch 8 = global batch 16, 4 steps/epoch" in log
     assert_replicas_identical(str(tmp_path), 2)
     _, meta = checkpoint.load_latest(str(tmp_path))
     assert meta["global_step"] == 8
+    # only rank 0 writes TensorBoard events: one file
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_two_nodes_with_the_operators_environment(tmp_path, digits_folder):

@@ -139,8 +139,11 @@ def test_dockerfile_installs_only_from_the_lock():
         assert "--pre" not in cmd.split() and "-U" not in cmd.split(), cmd
     text = " ".join(a for k, a in steps if k == "RUN")
     assert "pip check" in text
-    # the runtime dependencies' names come from pyproject.toml, not from a list in the Dockerfile
-    assert "['project']['dependencies']" in text
+    # the runtime dependencies' names come from pyproject.toml, not from a list in the Dockerfile:
+    # the library's and the extras the pods and pipeline steps import
+    assert "['project']" in text and "p['dependencies']" in text
+    for extra in ("pipeline", "report", "tensorboard"):
+        assert f"x['{extra}']" in text
 
 
 def test_dockerfile_has_no_credentials_and_is_labelled():

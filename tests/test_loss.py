@@ -224,3 +224,29 @@ def test_updates_without_scores_keep_no_rows():
     for _ in range(100):
         bank.update(torch.randn(2, 4), torch.tensor([0, 1]))
     assert bank._undo == []
+
+
+def test_bank_average_start_on_two_ranks_is_vissls(tmp_path):
+    """init_sync=average averages each rank's own random bank, as VISSL's per-rank seeds make
+    it: rows of norm ~1/sqrt(2) at W=2 and a smaller first-batch Z than broadcast's unit rows."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO, free_port, subprocess_env
+
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+        + [f"--master-port={free_port()}", "-m", "tests.bench.bank_init"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["init_sync"]: r for r in map(json.loads, out.stdout.strip().splitlines())}
+    broadcast, average = rows["broadcast"], rows["average"]
+    assert broadcast["mean_row_norm"] == pytest.approx(1.0, abs=1e-5)
+    assert average["mean_row_norm"] == pytest.approx(2**-0.5, abs=0.02)
+    assert 0.6 < average["z"] / broadcast["z"] < 0.75

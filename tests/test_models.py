@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from pirl import config
+from pirl.errors import ConfigError
 from pirl.models import ResNetTrunk, build_head, build_model, mlp
 
 PRESETS = [
@@ -109,3 +110,57 @@ def test_npid_model_has_one_output():
     cfg, _ = config.load(["config=pretrain/npid/npid_demo_resnet18"])
     out = build_model(cfg)({"data": torch.randn(2, 3, 32, 32)})
     assert list(out) == ["data"] and out["data"].shape == (2, 128)
+
+
+def test_trunk_builds_its_stages_without_a_torchvision_resnet(monkeypatch):
+    """The stages are built directly: no throwaway torchvision ResNet, no private `_make_layer`."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torchvision ResNet was constructed")
+
+    monkeypatch.setattr(torchvision.models.resnet.ResNet, "__init__", refuse)
+    monkeypatch.setattr(torchvision.models.resnet.ResNet, "_make_layer", refuse)
+    for depth, groups, width_per_group in ((18, 1, 64), (50, 32, 4)):
+        ResNetTrunk(depth, 2, groups, width_per_group)
+
+
+@pytest.mark.parametrize(
+    "depth,width,groups,wpg,ctor",
+    [
+        (18, 1, 1, 64, torchvision.models.resnet18),
+        (50, 1, 1, 64, torchvision.models.resnet50),
+        (50, 1, 32, 4, torchvision.models.resnext50_32x4d),
+    ],
+)
+def test_trunk_state_dict_keys_and_shapes_are_torchvisions(depth, width, groups, wpg, ctor):
+    ours = {k: v.shape for k, v in ResNetTrunk(depth, width, groups, wpg).state_dict().items()}
+    tv = {k: v.shape for k, v in ctor().state_dict().items() if not k.startswith("fc.")}
+    assert list(ours) == list(tv)
+    assert ours == tv
+
+
+def test_trunk_init_pytorch_default_is_vissls_and_kaiming_fan_out_is_torchvisions():
+    """VISSL's trunk keeps PyTorch's layer init (conv std 1/sqrt(3 fan_in)); the option is
+    torchvision's kaiming-normal fan-out (std sqrt(2 / fan_out))."""
+    torch.manual_seed(0)
+    default = ResNetTrunk(50).layer1[0].conv2.weight  # 64 -> 64, 3x3: fan_in = fan_out = 576
+    kaiming = ResNetTrunk(50, init="kaiming_fan_out").layer1[0].conv2.weight
+    assert default.std().item() == pytest.approx(1 / (3 * 576) ** 0.5, rel=0.03)  # 0.024
+    assert default.abs().max().item() <= 1 / 576**0.5  # uniform, bound 1/sqrt(fan_in)
+    assert kaiming.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.03)  # 0.059
+    tv = torchvision.models.resnet50().layer1[0].conv2.weight
+    assert tv.std().item() == pytest.approx(kaiming.std().item(), rel=0.03)
+
+
+def test_trunk_init_is_a_config_key():
+    """VISSL's presets get VISSL's init; the demo presets keep torchvision's (measured better)."""
+    for preset in ("pretrain/npid/npid_8gpu_resnet", "pretrain/pirl/pirl_jigsaw_4node_resnet50"):
+        cfg, _ = config.load([f"config={preset}"])
+        assert cfg.MODEL.TRUNK.RESNETS.INIT == "pytorch_default"
+    for preset in ("pretrain/npid/npid_demo_resnet18", "pretrain/pirl/pirl_demo_resnet18"):
+        cfg, _ = config.load([f"config={preset}"])
+        assert cfg.MODEL.TRUNK.RESNETS.INIT == "kaiming_fan_out"
+    with pytest.raises(ConfigError, match="RESNETS.INIT"):
+        config.load(
+            ["config=pretrain/npid/npid_demo_resnet18", "config.MODEL.TRUNK.RESNETS.INIT=xavier"]
+        )

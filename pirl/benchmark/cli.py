@@ -11,6 +11,7 @@ from pirl.benchmark import config
 from pirl.config import check_world_size, override_parser
 from pirl.entry import run_main, start
 from pirl.errors import PirlError
+from pirl.tensorboard import TensorBoardLog, add_benchmark
 
 log = logging.getLogger("pirl")
 
@@ -49,12 +50,17 @@ def run(args: argparse.Namespace) -> int:
     check_world_size(cfg, env.world_size)  # the launch against NUM_NODES x NUM_PROC_PER_NODE
     for note in derived.notes:
         log.info("config: %s", note)
+    tb = None
     if env.is_main:
         storage.check_writable(cfg.OUTPUT_DIR)
+        tb = TensorBoardLog.open(cfg.HOOKS.TENSORBOARD_SETUP, cfg.OUTPUT_DIR)
     metrics = benchmark(cfg, derived, env)
     if env.is_main:
         pretraining = read_pretraining(cfg.PRETRAIN_METRICS)
         urls = write_reports(cfg.OUTPUT_DIR, metrics, pretraining)
+        if tb:
+            add_benchmark(tb, metrics)
+            tb.close()
         sys.stdout.write(text_table(metrics))
         log.info("wrote %s", ", ".join(urls))
     dist.barrier()

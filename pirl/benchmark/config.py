@@ -112,14 +112,17 @@ def derive(
     cfg: BenchmarkConfig, world_size: int | None = None
 ) -> tuple[BenchmarkConfig, BenchDerived]:
     """The global batch and the scaled LR schedule (`world_size`, when given, is checked against
-    DISTRIBUTED). Pure: returns a resolved copy of `cfg` (DATA.TEST.DATA_PATHS filled from TRAIN
-    for a sharded dataset) and the `BenchDerived` record."""
+    DISTRIBUTED). Pure: returns a resolved copy of `cfg` (empty DATA_PATHS filled from the dataset
+    catalog, pirl.data.catalog, and DATA.TEST's from TRAIN for a sharded dataset) and the `BenchDerived` record."""
     if world_size is not None:
         base.check_world_size(cfg, world_size)
     cfg = copy.deepcopy(cfg)
     world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
-    notes: list[str] = []
+    from pirl.data.catalog import resolve
+
     train, test = cfg.DATA.TRAIN, cfg.DATA.TEST
+    splits = [(train, "config.DATA.TRAIN"), (test, "config.DATA.TEST")]
+    notes = resolve(cfg.DATA.DATASET_CATALOG, splits)
     if (
         train.DATA_PATHS
         and not test.DATA_PATHS

@@ -91,10 +91,13 @@ def train_heads(
     names: list[str],
     log_every: int = 100,
     ddp_heads: nn.Module | None = None,
+    test: Callable[[int], dict] | None = None,
+    test_every: int = 1,
 ) -> list[dict]:
     """Train `heads` (wrapped as `ddp_heads` when distributed) for optimizer_cfg.num_epochs;
-    `batches(epoch)` yields (pooled features per head, labels). Returns per-epoch records
-    {epoch, lr, loss: {head: mean loss}}."""
+    `batches(epoch)` yields (pooled features per head, labels). After every `test_every`-th
+    epoch and after the last, `test(epoch)` scores the heads ({head: {top1, top5}}). Returns
+    per-epoch records {epoch, lr, loss: {head: mean loss}, test (tested epochs)}."""
     model = ddp_heads if ddp_heads is not None else heads
     num_epochs = optimizer_cfg.num_epochs
     optimizer = build_optimizer(heads, optimizer_cfg, lr=base.lr_at(lr_schedule, 0, num_epochs))
@@ -133,13 +136,16 @@ def train_heads(
             "lr": lr,
             "loss": dict(zip(names, mean, strict=True)),
         }
+        if test is not None and ((epoch + 1) % test_every == 0 or epoch + 1 == num_epochs):
+            record["test"] = test(epoch)
         history.append(record)
         log.info(
-            "linear epoch %d/%d lr %.6f loss %s",
+            "linear epoch %d/%d lr %.6f loss %s%s",
             epoch + 1,
             num_epochs,
             lr,
             " ".join(f"{n}={v:.3f}" for n, v in record["loss"].items()),
+            "".join(f" | {n} top-1 {v['top1']:.2f}" for n, v in record.get("test", {}).items()),
         )
     check_protocol(trunk, heads, optimizer)
     return history

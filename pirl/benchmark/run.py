@@ -1,9 +1,10 @@
 """One benchmark run: open the data, evaluate the trained trunk (and a random-init one), report.
 
 Per trunk: (1) the train split through the frozen trunk — every epoch on augmented crops, or once
-when CACHE_TRAIN_FEATURES — training all heads together; (2) the kNN bank: the train split with
-the TEST transforms (shared with (1) when cached and the transforms are equal); (3) one pass over
-val for every head's top-1/top-5 and the kNN queries. Works on any number of ranks: heads in DDP,
+when CACHE_TRAIN_FEATURES — training all heads together, with a pass over val for every head's
+top-1/top-5 after every TEST_EVERY_NUM_EPOCH-th epoch and the last (`Tester`); (2) the kNN bank:
+the train split with the TEST transforms (shared with (1) when cached and the transforms are
+equal), scored with the last val pass's kNN queries. Works on any number of ranks: heads in DDP,
 the trunk frozen and local, counts summed, the kNN bank gathered.
 """
 
@@ -14,6 +15,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -115,6 +117,7 @@ def build_trunk(cfg: BenchmarkConfig) -> ResNetTrunk:
             r.WIDTH_PER_GROUP,
             r.ZERO_INIT_RESIDUAL,
             r.LAYER4_STRIDE,
+            r.INIT,
         )
 
 
@@ -126,17 +129,17 @@ def probe_shapes(extractor: FeatureExtractor, data, ctx: Context) -> tuple[list,
 
 
 def validate(
-    heads: nn.Module, extractor: FeatureExtractor, ctx: Context, shapes: list
+    heads: nn.Module, batches: Iterable, ctx: Context, shapes: list
 ) -> tuple[list[list[int]], int, list[torch.Tensor], list[torch.Tensor]]:
-    """One pass over val: (top-1/top-5 hits per head and the sample count, summed over ranks;
-    this rank's kNN query features and labels)."""
+    """One pass over val's (pooled, kNN feature, label) batches: (top-1/top-5 hits per head and
+    the sample count, summed over ranks; this rank's kNN query features and labels)."""
     device = ctx.env.device
     heads.eval()
     correct = torch.zeros(len(ctx.names), 2, dtype=torch.long, device=device)
     n_val = 0
     queries, query_labels = [], []
     with torch.no_grad():
-        for pooled, knn, y in run_batches(extractor, ctx.val.eval_batches(), device, ctx.amp):
+        for pooled, knn, y in batches:
             got = [p.shape[1:] for p in pooled]
             if got != shapes:
                 raise ConfigError(
@@ -152,6 +155,43 @@ def validate(
     hits = dist.all_reduce_sum(correct).tolist()
     n_val = int(dist.all_reduce_sum(torch.tensor([n_val], device=device)).item())
     return hits, n_val, queries, query_labels
+
+
+class Tester:
+    """Tests the heads on val after every TEST_EVERY_NUM_EPOCH-th epoch and the last (VISSL's
+    benchmark schedule): `tester(epoch)` returns {head: {top1, top5}}; `last` keeps the newest
+    pass's counts and kNN queries for the final numbers. With CACHE_TRAIN_FEATURES the val
+    features are computed once and reused (frozen trunk, deterministic TEST transforms);
+    otherwise each test runs the trunk over val again, as VISSL does."""
+
+    def __init__(self, heads: nn.Module, extractor: FeatureExtractor, ctx: Context, shapes: list):
+        self.heads, self.extractor, self.ctx, self.shapes = heads, extractor, ctx, shapes
+        self.cached: list | None = None
+        self.last: tuple | None = None
+
+    def batches(self) -> Iterable:
+        ctx = self.ctx
+        fresh = run_batches(self.extractor, ctx.val.eval_batches(), ctx.env.device, ctx.amp)
+        if not ctx.cache:
+            return fresh
+        if self.cached is None:
+            self.cached = list(fresh)
+        return self.cached
+
+    def __call__(self, epoch: int) -> dict[str, dict[str, float]]:
+        self.last = validate(self.heads, self.batches(), self.ctx, self.shapes)
+        correct, n_val = self.last[0], max(self.last[1], 1)
+        return {
+            name: {"top1": 100.0 * correct[i][0] / n_val, "top5": 100.0 * correct[i][1] / n_val}
+            for i, name in enumerate(self.ctx.names)
+        }
+
+
+def best_test(history: list[dict], name: str) -> dict:
+    """The tested epoch with head `name`'s highest top-1 (then top-5; the earliest on a tie)."""
+    tests = [(r["epoch"], r["test"][name]) for r in history if "test" in r]
+    epoch, acc = max(tests, key=lambda t: (t[1]["top1"], t[1]["top5"]))
+    return {"best_top1": acc["top1"], "best_top5": acc["top5"], "best_epoch": epoch}
 
 
 def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
@@ -211,6 +251,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
                 yield p, y
 
         steps = ctx.train.steps_per_epoch
+    tester = Tester(heads, extractor, ctx, shapes)
     history = train_heads(
         heads,
         trunk,
@@ -221,6 +262,8 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
         ctx.names,
         cfg.LOG_FREQUENCY,
         ddp_heads,
+        test=tester,
+        test_every=cfg.TEST_EVERY_NUM_EPOCH,
     )
     if cfg.KNN.ENABLED and knn_bank is None:
         log.info("[%s] extracting the kNN bank (train split, TEST transforms)", label)
@@ -230,8 +273,9 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
         )
         knn_bank = (knn_feats, labels)
 
-    # ============ val: every head, and the kNN queries ============
-    correct, n_val, queries, query_labels = validate(heads, extractor, ctx, shapes)
+    # ============ val: every head after the last epoch (and the best epoch), kNN queries ============
+    assert tester.last is not None  # the last epoch is always tested
+    correct, n_val, queries, query_labels = tester.last
     linear = {}
     for i, name in enumerate(ctx.names):
         feature, (op, args) = fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP[i]
@@ -243,6 +287,7 @@ def evaluate_trunk(trunk: ResNetTrunk, ctx: Context, label: str) -> dict:
             "batchnorm": cfg.MODEL.HEAD.PARAMS[i][0] == "eval_mlp",
             "in_dim": int(torch.Size(shapes[i]).numel()),
             "final_train_loss": history[-1]["loss"][name],
+            **best_test(history, name),
         }
     best = max(ctx.names, key=lambda n: (linear[n]["top1"], linear[n]["top5"]))
     result: dict[str, Any] = {"linear": linear, "best_head": best, "linear_train": history}
@@ -319,6 +364,7 @@ def benchmark(cfg: BenchmarkConfig, derived: BenchDerived, env: dist.DistEnv) ->
             "linear_head": t["best_head"],
             "linear_top1": t["linear"][t["best_head"]]["top1"],
             "linear_top5": t["linear"][t["best_head"]]["top5"],
+            "linear_best_epoch_top1": t["linear"][t["best_head"]]["best_top1"],
         }
         if "knn" in t:
             h["knn_top1"] = {k: v["top1"] for k, v in t["knn"].items()}
@@ -359,6 +405,7 @@ def benchmark(cfg: BenchmarkConfig, derived: BenchDerived, env: dist.DistEnv) ->
                 )
             ],
             "epochs": o.num_epochs,
+            "test_every_num_epoch": cfg.TEST_EVERY_NUM_EPOCH,
             "optimizer": o.name,
             "momentum": o.momentum,
             "nesterov": o.nesterov,

@@ -3,7 +3,7 @@
 Shared blocks come from `pirl.schema` (DATA, MODEL.TRUNK, OPTIMIZER, DISTRIBUTED, MACHINE), so a
 key means the same in `pirl train` and `pirl benchmark`. The defaults are VISSL's linear-eval
 protocol (docs/vissl-notes.md#linear-evaluation-protocol; ImageNet-1K linear eval of a ResNet-50:
-28 epochs, multistep LR, nesterov, wd 5e-4, res5 and res5avg heads); the presets under
+28 epochs, multistep LR, nesterov, wd 5e-4, res5 and res5avg heads, tested after every epoch); the presets under
 `configs/config/benchmark/` set the rest.
 """
 
@@ -20,6 +20,7 @@ from pirl.schema import (
     DataSplit,
     Distributed,
     Head,
+    Hooks,
     LRSchedule,
     Machine,
     Optimizer,
@@ -172,6 +173,9 @@ class LowShot:  # ours: VISSL's 1% / 10% benchmarks as a seeded per-class fracti
 class BenchmarkConfig:
     VERBOSE: bool = setting(False, vissl_only=True)
     LOG_FREQUENCY: int = setting(100, ge=1)  # steps between log lines of the linear training
+    # VISSL's: test the heads on val after every N-th epoch (and always after the last); the
+    # report gives each head's last-epoch accuracy and its best tested epoch
+    TEST_EVERY_NUM_EPOCH: int = setting(1, ge=1)
     SEED_VALUE: int = 0
     MACHINE: Machine = field(default_factory=Machine)
     DATA: Data = field(default_factory=_data)
@@ -183,3 +187,5 @@ class BenchmarkConfig:
     OUTPUT_DIR: str = "./runs/benchmark"  # ours: metrics.json and the reports go here (fsspec URL)
     PRETRAIN_METRICS: str = ""  # ours: the pretraining run's metrics.jsonl (loss curve); '' = none
     BASELINE_RANDOM: bool = False  # ours: also evaluate a randomly initialised trunk
+    # VISSL's TensorBoard keys; LOG_DIR "." is OUTPUT_DIR; written when the benchmark ends
+    HOOKS: Hooks = field(default_factory=Hooks)

@@ -248,6 +248,9 @@ def data_path(split: DataSplit) -> str:
     if not split.DATA_PATHS:
         raise DataError(
             "DATA_PATHS is empty: give the dataset location, e.g. "
-            "config.DATA.TRAIN.DATA_PATHS=[/data/imagenet/train] (disk_folder) or [s3://bucket/imagenet] (shards)"
+            "config.DATA.TRAIN.DATA_PATHS=[/data/imagenet/train] (disk_folder) or "
+            "[s3://bucket/imagenet] (shards), or a dataset catalog that maps DATASET_NAMES "
+            f"{split.DATASET_NAMES} to paths (config.DATA.DATASET_CATALOG or "
+            "$PIRL_DATASET_CATALOG: VISSL's dataset_catalog.json format)"
         )
     return split.DATA_PATHS[0]
