@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from pipeline.jobspec import job_spec
 from pipeline.pytorchjob import build_pytorchjob
 
 from .podman import ContainerJob, pod_flags
@@ -18,12 +19,14 @@ def flag_values(command: list[str], flag: str) -> list[str]:
 def test_each_replica_is_a_restricted_container_with_the_operators_environment(monkeypatch):
     monkeypatch.setenv("SECRET_OF_THIS_MACHINE", "x")
     spec = build_pytorchjob(
-        name="spec-check",
-        namespace="",
-        image="registry.test/pirl:1",
-        args=["-m", "pirl.train", "config=pretrain/pirl/pirl_demo_resnet18"],
-        num_nodes=3,
-        env={"OMP_NUM_THREADS": "1"},
+        job_spec(
+            name="spec-check",
+            namespace="",
+            image="registry.test/pirl:1",
+            args=["-m", "pirl.train", "config=pretrain/pirl/pirl_demo_resnet18"],
+            num_nodes=3,
+            env={"OMP_NUM_THREADS": "1"},
+        )
     )
     job = ContainerJob(spec, image="localhost/pirl:t", volumes={"/srv/store": "/shared"})
     assert [p.name for p in job.pods] == ["master-0", "worker-0", "worker-1"]

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from pipeline.jobspec import job_spec
 from pipeline.pytorchjob import build_pytorchjob, trainer_args
 
 from .podman import ContainerJob, podman
@@ -48,13 +49,15 @@ def test_killed_worker_container_is_restarted_and_the_job_resumes(image, tmp_pat
         ],
     )
     spec = build_pytorchjob(
-        name="image-kill",
-        namespace="",
-        image=image,
-        args=args,
-        num_nodes=2,
-        env={"OMP_NUM_THREADS": "1"},
-        active_deadline_seconds=900,
+        job_spec(
+            name="image-kill",
+            namespace="",
+            image=image,
+            args=args,
+            num_nodes=2,
+            env={"OMP_NUM_THREADS": "1"},
+            active_deadline_seconds=900,
+        )
     )
     job = ContainerJob(spec, image=image, volumes={str(store): SHARED}, out=io.StringIO())
     worker = job.container_name("worker-0")
