@@ -82,7 +82,9 @@ def linear_probe(trunk: torch.nn.Module, root: str) -> float:
 
 @pytest.mark.parametrize(
     "preset,epochs",
-    [("pretrain/npid/npid_demo_resnet18", 30), ("pretrain/pirl/pirl_demo_resnet18", 40)],
+    # 40 epochs each: NPID at 30 ended at 0.68x / 0.69x / 0.84x chance for seeds 1 / 2 / 0 (the
+    # init's random draws alone), at 40 at 0.61x for seed 0
+    [("pretrain/npid/npid_demo_resnet18", 40), ("pretrain/pirl/pirl_demo_resnet18", 40)],
 )
 def test_loss_falls_below_chance_with_a_healthy_bank(shapes, tmp_path, preset, epochs):
     health = [r["health"] for r in pretrain(preset, f"{shapes}/train", tmp_path / "run", epochs)]
