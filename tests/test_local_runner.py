@@ -59,6 +59,9 @@ REPLICA = textwrap.dedent(
             sys.exit(int(os.environ["TEST_CODE"]))
     elif mode == "hang":
         time.sleep(600)
+    elif rank == 0:  # ok: the job succeeds when the master exits, so it waits for every pod
+        for r in range(int(os.environ["PET_NNODES"])):
+            wait_for(f"env-{r}.json")
     """
 )
 
